@@ -1,0 +1,1 @@
+"""`mmllm bench ...`: wall-clock comparisons against a named baseline, in one run, as ratios."""

@@ -1,0 +1,245 @@
+"""The `mmllm` command (also `python -m mmllm`).
+
+    mmllm vocab train-text   train a SentencePiece text tokenizer (saved as a HF tokenizer dir)
+    mmllm vocab build        build vocab_layout.json from a text tokenizer and modality ranges
+    mmllm vocab show         print a layout's ranges
+    mmllm convert            import a HF Llama/Qwen2/Mistral/Qwen3 dir, or export to one
+    mmllm bench model        our backbone against transformers' Llama, forward + backward
+    mmllm demo               the end-to-end pipeline on the embedded toy world
+
+Handlers parse arguments and call into the library. A user error (`MMLLMError`) prints one
+`error: ...` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mmllm.errors import MMLLMError
+
+logger = logging.getLogger("mmllm")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.handler(args) or 0
+    except MMLLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmllm", description="Any-to-any multimodal LLMs: train, chat, serve, eval.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    vocab = commands.add_parser("vocab", help="text tokenizer and vocabulary layout")
+    vocab_commands = vocab.add_subparsers(dest="vocab_command", required=True, metavar="SUBCOMMAND")
+    train_text = vocab_commands.add_parser("train-text", help="train a SentencePiece text tokenizer")
+    train_text.add_argument("--input", nargs="+", required=True, help="text files, one sentence per line")
+    train_text.add_argument("--vocab-size", type=int, default=1000)
+    train_text.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train_text.add_argument("--no-byte-fallback", action="store_true", help="map unseen characters to <unk>")
+    train_text.add_argument("--out", required=True, help="output tokenizer dir")
+    train_text.set_defaults(handler=cmd_vocab_train_text)
+
+    build = vocab_commands.add_parser("build", help="build vocab_layout.json")
+    build.add_argument("--text-tokenizer", required=True, help="local HF tokenizer dir")
+    build.add_argument(
+        "--modality",
+        action="append",
+        default=[],
+        metavar="NAME=N[:key=value...]",
+        help="a modality range, e.g. image=1024 or audio=1024:levels=4:flattening=delay:grid=50; "
+        "comma-separate several. Keys: grid (AxB), levels, flattening (frame_major, first_k, delay), "
+        "first_k, max_frames. image/video/audio/action default to the toy world's structure.",
+    )
+    build.add_argument("--config", help="YAML with modalities and reserved-slot counts (configs/vocab/)")
+    build.add_argument(
+        "--base-rows",
+        type=int,
+        help="embedding rows of the pretrained model (default: vocab_size of a config.json beside the tokenizer)",
+    )
+    build.add_argument("--registers", type=int, help="register token slots (default 16)")
+    build.add_argument("--pause", type=int, help="pause token slots (default 4)")
+    build.add_argument("--spare", type=int, help="spare special slots (default 32)")
+    build.add_argument(
+        "--out", required=True, help="path of vocab_layout.json (the text tokenizer is copied beside it)"
+    )
+    build.set_defaults(handler=cmd_vocab_build)
+
+    show = vocab_commands.add_parser("show", help="print a layout's ranges")
+    show.add_argument("layout", help="vocab_layout.json or a dir holding it")
+    show.set_defaults(handler=cmd_vocab_show)
+
+    convert = commands.add_parser("convert", help="import from or export to Hugging Face format")
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="SRC", help="local HF Llama/Qwen2/Mistral/Qwen3 dir")
+    direction.add_argument("--to-hf", metavar="SRC", help="native mmllm checkpoint dir")
+    convert.add_argument("--out", required=True, help="output dir")
+    convert.add_argument("--layout", help="with --from-hf: extend the vocabulary to this vocab_layout.json")
+    convert.add_argument("--text-tokenizer", help="with --from-hf: tokenizer dir, if SRC has none")
+    convert.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep)")
+    convert.set_defaults(handler=cmd_convert)
+
+    bench = commands.add_parser("bench", help="benchmarks against named baselines")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    bench_model = bench_commands.add_parser("model", help="backbone vs transformers' Llama, forward+backward on CPU")
+    bench_model.add_argument("--config", default="configs/model/toy.yaml", help="model config YAML")
+    bench_model.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    bench_model.add_argument("--batch", type=int, default=8)
+    bench_model.add_argument("--seq", type=int, default=512)
+    bench_model.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats per model")
+    bench_model.add_argument("--warmup", type=int, default=1)
+    bench_model.add_argument("--out", help="also write the result as JSON")
+    bench_model.set_defaults(handler=cmd_bench_model)
+
+    demo = commands.add_parser("demo", help="run the end-to-end pipeline on the toy world")
+    demo.add_argument("--out", default="demo_out", help="output dir (report.md, model/)")
+    demo.add_argument("--fast", action="store_true", help="smaller settings, for a quick check")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def cmd_vocab_train_text(args: argparse.Namespace) -> None:
+    from mmllm.text_tokenizer import train_text_tokenizer
+
+    tokenizer = train_text_tokenizer(
+        args.input, args.out, args.vocab_size, args.model_type, byte_fallback=not args.no_byte_fallback
+    )
+    print(f"text tokenizer: {len(tokenizer)} tokens -> {args.out}")
+
+
+def cmd_vocab_build(args: argparse.Namespace) -> None:
+    from mmllm.config import load_config
+    from mmllm.text_tokenizer import fingerprint, load_text_tokenizer
+    from mmllm.vocab import VocabLayout, VocabSpec, parse_modality
+
+    spec = load_config(VocabSpec, args.config) if args.config else VocabSpec()
+    modalities = {m.name: m for m in spec.modality_ranges()}
+    for item in args.modality:
+        for part in filter(None, item.split(",")):
+            parsed = parse_modality(part)
+            modalities[parsed.name] = parsed
+    if not modalities:
+        raise MMLLMError("no modalities: give --modality NAME=N (repeatable) or --config")
+    tokenizer = load_text_tokenizer(args.text_tokenizer)
+    base_rows = args.base_rows if args.base_rows is not None else spec.base_rows
+    if base_rows is None:
+        base_rows = _embedding_rows(Path(args.text_tokenizer))
+        if base_rows is not None and base_rows > len(tokenizer):
+            logger.info(
+                "base rows %d from %s/config.json (text ends at %d)", base_rows, args.text_tokenizer, len(tokenizer)
+            )
+    layout = VocabLayout.build(
+        text_size=len(tokenizer),
+        modalities=list(modalities.values()),
+        base_rows=base_rows,
+        num_registers=args.registers if args.registers is not None else spec.registers,
+        num_pause=args.pause if args.pause is not None else spec.pause,
+        num_spare=args.spare if args.spare is not None else spec.spare,
+        text_tokenizer_fingerprint=fingerprint(tokenizer),
+    )
+    out = Path(args.out)
+    if out.suffix != ".json":
+        out = out / "vocab_layout.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    layout.save(out)
+    tokenizer.save_pretrained(str(out.parent / "text_tokenizer"))
+    print(describe_layout(layout))
+    print(f"-> {out}")
+
+
+def _embedding_rows(model_dir: Path) -> int | None:
+    """A HF model dir's embedding rows (its config's vocab_size), if the dir is one."""
+    try:
+        return int(json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cmd_vocab_show(args: argparse.Namespace) -> None:
+    from mmllm.vocab import VocabLayout
+
+    print(describe_layout(VocabLayout.load(args.layout)))
+
+
+def describe_layout(layout) -> str:
+    rows = [
+        f"{'range':<12} {'ids':>20} {'size':>8}  structure",
+        f"{'text':<12} {f'[0, {layout.text_size})':>20} {layout.text_size:>8}",
+    ]
+    if layout.base_rows > layout.text_size:
+        unused = layout.base_rows - layout.text_size
+        rows.append(f"{'(unused)':<12} {f'[{layout.text_size}, {layout.base_rows})':>20} {unused:>8}")
+    first, last = min(layout.special_tokens.values()), max(layout.special_tokens.values()) + 1
+    rows.append(f"{'specials':<12} {f'[{first}, {last})':>20} {len(layout.special_tokens):>8}")
+    for m in layout.modalities.values():
+        structure = f"codebook {m.codebook_size} x {m.levels} levels, {m.flattening}"
+        structure += f", grid {'x'.join(map(str, m.grid))}" if m.grid else f", up to {m.max_frames} frames"
+        rows.append(f"{m.name:<12} {f'[{m.start}, {m.end})':>20} {m.size:>8}  {structure}, {m.max_length} ids/item")
+    rows.append(f"{'total':<12} {layout.total_size:>29}  padded to {layout.padded_size}")
+    return "\n".join(rows)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from mmllm.model.mmllm import MMLLM
+    from mmllm.text_tokenizer import load_text_tokenizer
+    from mmllm.vocab import VocabLayout
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.to_hf:
+        if args.layout or args.text_tokenizer:
+            raise MMLLMError("--layout and --text-tokenizer apply to --from-hf only")
+        MMLLM.from_pretrained(args.to_hf, dtype=dtype).export_hf(args.out)
+        print(f"HF checkpoint -> {args.out}")
+        return
+    tokenizer = load_text_tokenizer(args.text_tokenizer) if args.text_tokenizer else None
+    layout = VocabLayout.load(args.layout) if args.layout else None
+    if tokenizer is None and layout is not None:
+        beside = Path(args.layout).parent if Path(args.layout).is_file() else Path(args.layout)
+        if (beside / "text_tokenizer").is_dir():
+            tokenizer = load_text_tokenizer(beside / "text_tokenizer")
+    model = MMLLM.from_pretrained(args.from_hf, text_tokenizer=tokenizer, dtype=dtype)
+    if layout is not None:
+        model.extend_vocab(layout)
+    model.save_pretrained(args.out)
+    print(f"mmllm checkpoint ({model.config.vocab_size} rows) -> {args.out}")
+
+
+def cmd_bench_model(args: argparse.Namespace) -> None:
+    from mmllm.bench.model import bench_model, format_model_bench
+    from mmllm.model.config import ModelConfig
+
+    config = ModelConfig.from_yaml(args.config, args.set)
+    result = bench_model(config, args.batch, args.seq, args.repeats, args.warmup)
+    result["config"] = args.config
+    print(format_model_bench(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from mmllm.demo import run_demo
+
+    report = run_demo(Path(args.out), fast=args.fast, seed=args.seed)
+    print(f"report -> {report}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

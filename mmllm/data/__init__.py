@@ -1,0 +1,1 @@
+"""Datasets: the embedded toy world, readers of other formats, pretokenization and packing."""

@@ -1,0 +1,1 @@
+"""The model: config, the one-file backbone, HF conversion, checkpoints."""

@@ -1,0 +1,239 @@
+"""`MMLLM`: the backbone plus everything needed to use it, loaded from and saved to one dir.
+
+A native checkpoint dir (ARCHITECTURE decision 2) holds:
+
+    config.json             {"format": "mmllm.model", "model": ModelConfig}
+    model.safetensors       or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    vocab_layout.json       the unified vocabulary (absent for a bare imported backbone)
+    text_tokenizer/         the text tokenizer files
+    tokenizers/NAME/        each modality tokenizer it was trained with
+
+so `--model DIR` alone is enough to chat, serve, evaluate or generate. `from_pretrained` also
+reads a local HF Llama / Qwen2 / Mistral / Qwen3 dir, and `export_hf` writes one back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmllm.config import from_dict, to_dict
+from mmllm.errors import CheckpointError
+from mmllm.model import hf
+from mmllm.model.backbone import CausalLM, rope_frequencies
+from mmllm.model.config import ModelConfig
+from mmllm.model.weights import atomic_directory, load_weights, save_weights
+from mmllm.text_tokenizer import check_text_tokenizer, has_tokenizer_files, load_text_tokenizer
+from mmllm.vocab import VocabLayout
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+LAYOUT_FILE = "vocab_layout.json"
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+NATIVE_FORMAT = "mmllm.model"
+# New vocabulary rows start at the mean of the old rows plus Gaussian noise with this fraction
+# of the old rows' per-dimension std: near the mean, so no new token starts out dominating the
+# softmax (Hewitt 2021, "Initializing new word embeddings"), yet distinct, so rows can diverge.
+NEW_ROW_NOISE = 0.01
+
+
+class MMLLM(CausalLM):
+    """The causal LM with its vocabulary layout and tokenizers."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layout: VocabLayout | None = None,
+        text_tokenizer: Any = None,
+    ) -> None:
+        super().__init__(config)
+        if layout is not None and layout.padded_size != config.vocab_size:
+            raise CheckpointError(
+                f"the embedding has {config.vocab_size} rows but the vocab layout has {layout.padded_size}"
+            )
+        self.layout = layout
+        self.text_tokenizer = text_tokenizer
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, layout: VocabLayout | None = None, text_tokenizer: Any = None) -> MMLLM:
+        """A randomly initialised model; its vocab size comes from the layout when given."""
+        if layout is not None:
+            config = dataclasses.replace(config, vocab_size=layout.padded_size)
+        if layout is not None and text_tokenizer is not None:
+            check_text_tokenizer(layout, text_tokenizer, "model")
+        return cls(config, layout, text_tokenizer)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        text_tokenizer: Any = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> MMLLM:
+        """Load a native checkpoint dir or a local HF Llama/Qwen2/Mistral/Qwen3 dir.
+
+        Weights keep their stored dtype unless `dtype` is given. `text_tokenizer` overrides
+        (or supplies) the text tokenizer, e.g. for a HF dir that has none.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: checkpoint dir not found")
+        config_path = path / CONFIG_FILE
+        if not config_path.is_file():
+            raise CheckpointError(f"{path}: no {CONFIG_FILE} (not a checkpoint dir, or a partial one)")
+        try:
+            raw = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+        if raw.get("format") == NATIVE_FORMAT:
+            config = from_dict(ModelConfig, raw.get("model", {}), str(config_path))
+        else:
+            config = hf.config_from_hf(raw, str(config_path))
+        layout = VocabLayout.load(path / LAYOUT_FILE) if (path / LAYOUT_FILE).is_file() else None
+        if text_tokenizer is None:
+            text_tokenizer = _find_text_tokenizer(path, layout)
+        if layout is not None and text_tokenizer is not None:
+            check_text_tokenizer(layout, text_tokenizer, str(path))
+        state = load_weights(path)
+        embed = state.get("model.embed_tokens.weight")
+        if embed is not None and embed.shape[0] != config.vocab_size:
+            raise CheckpointError(
+                f"{path}: the embedding has {embed.shape[0]} rows but config.json says vocab_size {config.vocab_size}"
+            )
+        if layout is not None and layout.padded_size != config.vocab_size:
+            raise CheckpointError(
+                f"{path}: the embedding has {config.vocab_size} rows but {LAYOUT_FILE} says {layout.padded_size}"
+            )
+        with torch.device("meta"):
+            model = cls(config, layout, text_tokenizer)
+        model._load_state(state, str(path))
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+    def _load_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Assign checkpoint tensors to a meta-initialised model, checking names and shapes."""
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        expected = {name for name, _ in self.named_parameters(remove_duplicate=True)}
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing:
+            raise CheckpointError(f"{where}: missing weights ({len(missing)}), e.g. {missing[0]} (partial checkpoint?)")
+        if unexpected:
+            raise CheckpointError(f"{where}: unexpected weights ({len(unexpected)}), e.g. {unexpected[0]}")
+        params = dict(self.named_parameters())
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise CheckpointError(
+                    f"{where}: {name} has shape {tuple(tensor.shape)}, the config implies {tuple(params[name].shape)}"
+                )
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model.rotary_emb.inv_freq = rope_frequencies(self.config)[0]
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
+        """Write a self-contained native checkpoint dir, atomically (temp dir, then rename)."""
+        with atomic_directory(path) as tmp:
+            meta = {"format": NATIVE_FORMAT, "version": 1, "model": to_dict(self.config)}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            shard_kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+            save_weights(self._weights_to_save(), tmp, **shard_kwargs)
+            if self.layout is not None:
+                self.layout.save(tmp / LAYOUT_FILE)
+            if self.text_tokenizer is not None:
+                self.text_tokenizer.save_pretrained(str(tmp / TEXT_TOKENIZER_DIR))
+
+    def _weights_to_save(self) -> dict[str, torch.Tensor]:
+        state = dict(self.state_dict())
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        return state
+
+    def export_hf(self, path: str | Path) -> None:
+        """Write a HF dir that `AutoModelForCausalLM.from_pretrained` loads with identical logits.
+
+        The tokenizer is saved with every layout id added under its name (`<|boi|>`,
+        `<|image_0042|>`). The layout and the plain text tokenizer ride along, so
+        `mmllm convert --from-hf` of an export gives back the native checkpoint.
+        """
+        if len(self.model.hooks):
+            raise CheckpointError("plug-ins are attached; HF checkpoints cannot hold them (detach them first)")
+        arch = hf.export_architecture(self.config)
+        hf_config = hf.hf_config_class(arch)(**hf.config_to_hf(self.config, self.layout))
+        with atomic_directory(path) as tmp:
+            hf_config.save_pretrained(str(tmp))
+            save_weights(self._weights_to_save(), tmp)
+            if self.text_tokenizer is not None and self.layout is not None:
+                hf.tokenizer_with_layout_tokens(self.text_tokenizer, self.layout).save_pretrained(str(tmp))
+            elif self.text_tokenizer is not None:
+                self.text_tokenizer.save_pretrained(str(tmp))
+            if self.layout is not None:
+                self.layout.save(tmp / LAYOUT_FILE)
+                if self.text_tokenizer is not None:
+                    self.text_tokenizer.save_pretrained(str(tmp / TEXT_TOKENIZER_DIR))
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @torch.no_grad()
+    def extend_vocab(self, layout: VocabLayout, seed: int = 0) -> None:
+        """Grow embedding and head to `layout.padded_size` rows and adopt the layout.
+
+        The layout must have been built for this model: its `base_rows` equal the current
+        rows. New rows start at the mean of the text rows plus small noise (NEW_ROW_NOISE).
+        """
+        rows = self.config.vocab_size
+        if self.layout is not None and rows == layout.padded_size:
+            self.layout = layout
+            return
+        if layout.base_rows != rows:
+            raise CheckpointError(
+                f"the model has {rows} embedding rows but the layout was built for {layout.base_rows} "
+                f"(rebuild it with --base-rows {rows})"
+            )
+        if self.text_tokenizer is not None:
+            check_text_tokenizer(layout, self.text_tokenizer, "extend_vocab")
+        generator = torch.Generator().manual_seed(seed)
+        added = layout.padded_size - rows
+        embed = self.model.embed_tokens.weight
+        new_embed = nn.Embedding(layout.padded_size, embed.shape[1], device=embed.device, dtype=embed.dtype)
+        new_embed.weight.copy_(torch.cat([embed, _new_rows(embed[: layout.text_size], added, generator)]))
+        self.model.embed_tokens = new_embed
+        if self.config.tie_word_embeddings:
+            self.lm_head = nn.Linear(embed.shape[1], layout.padded_size, bias=False, device=embed.device)
+            self.lm_head.weight = new_embed.weight
+        else:
+            head = self.lm_head.weight
+            new_head = nn.Linear(head.shape[1], layout.padded_size, bias=False, device=head.device, dtype=head.dtype)
+            new_head.weight.copy_(torch.cat([head, _new_rows(head[: layout.text_size], added, generator)]))
+            self.lm_head = new_head
+        self.config.vocab_size = layout.padded_size
+        self.layout = layout
+        logger.info("extended the vocabulary from %d to %d rows", rows, layout.padded_size)
+
+
+def _new_rows(old: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    mean = old.float().mean(dim=0)
+    std = old.float().std(dim=0) if old.shape[0] > 1 else torch.ones_like(mean)
+    noise = torch.randn(count, old.shape[1], generator=generator) * std * NEW_ROW_NOISE
+    return (mean + noise).to(old.dtype)
+
+
+def _find_text_tokenizer(path: Path, layout: VocabLayout | None) -> Any:
+    """The checkpoint's text tokenizer: `text_tokenizer/`, or a HF dir's own files (no layout)."""
+    if has_tokenizer_files(path / TEXT_TOKENIZER_DIR):
+        return load_text_tokenizer(path / TEXT_TOKENIZER_DIR)
+    if layout is None and has_tokenizer_files(path):
+        return load_text_tokenizer(path)
+    return None

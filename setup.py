@@ -1,0 +1,42 @@
+"""Installs the `mmllm` library and its `mmllm` console script.
+
+Dependency ranges are the ones tested on CPU (torch 2.13, transformers 5.23) and on the GPU
+image (torch 2.11, transformers 5.17); widen a range only after running `make test` with it.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mmllm",
+    version="0.1.0",
+    description="Train, finetune, chat with, serve and evaluate any-to-any multimodal LLMs.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mmllm", "mmllm.*"]),
+    install_requires=[
+        # 2.11 is the oldest build seen working (the GPU image); `make` installs 2.13.0 first,
+        # so this range installs nothing more on CPU machines.
+        "torch>=2.11",
+        "transformers>=5.17,<6",
+        "deepspeed>=0.18,<0.20",
+        "peft>=0.17,<0.22",
+        "datasets>=4.0,<6",
+        "accelerate>=1.10,<2",
+        "safetensors>=0.6",
+        # SentencePiece training, and protobuf to convert its model into a fast HF tokenizer.
+        "sentencepiece>=0.2",
+        "protobuf>=5",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        # flash-attn builds only against CUDA; SDPA is the fallback everywhere else.
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["mmllm=mmllm.cli:main"]},
+)

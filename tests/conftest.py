@@ -1,0 +1,78 @@
+"""Shared fixtures: a small trained text tokenizer, layouts built on it, tiny HF models.
+
+Tests marked `gpu` need CUDA; on machines without it they are deselected (not skipped), and
+`make test-gpu` runs them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    selected = [item for item in items if "gpu" not in item.keywords]
+    deselected = [item for item in items if "gpu" in item.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
+@pytest.fixture(scope="session")
+def caption_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmllm.data.toyworld import caption_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "captions.txt"
+    path.write_text("\n".join(caption_corpus(2000, seed=0)) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, caption_file: Path) -> Path:
+    from mmllm.text_tokenizer import train_text_tokenizer
+
+    out = tmp_path_factory.mktemp("text_tokenizer")
+    train_text_tokenizer([caption_file], out, vocab_size=320)
+    return out
+
+
+@pytest.fixture()
+def text_tokenizer(text_tokenizer_dir: Path):
+    from mmllm.text_tokenizer import load_text_tokenizer
+
+    return load_text_tokenizer(text_tokenizer_dir)
+
+
+@pytest.fixture()
+def toy_layout(text_tokenizer):
+    """Image grid, ragged two-level audio, delay-pattern video and first-k speech: every structure."""
+    from mmllm.text_tokenizer import fingerprint
+    from mmllm.vocab import ModalityRange, VocabLayout
+
+    return VocabLayout.build(
+        len(text_tokenizer),
+        [
+            ModalityRange("image", 32, grid=(2, 2)),
+            ModalityRange("audio", 16, levels=2, max_frames=6),
+            ModalityRange("video", 8, levels=3, grid=(2,), flattening="delay"),
+            ModalityRange("speech", 8, levels=4, flattening="first_k", first_k=2, max_frames=5),
+        ],
+        text_tokenizer_fingerprint=fingerprint(text_tokenizer),
+    )
+
+
+@pytest.fixture()
+def tiny_config():
+    from mmllm.model.config import ModelConfig
+
+    return ModelConfig.from_yaml(REPO / "configs" / "model" / "tiny.yaml", ["vocab_size=256"])

@@ -1,0 +1,221 @@
+"""The `mmllm` command: vocab, convert, bench and demo, and one clear line for each bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from mmllm.cli import main
+from mmllm.model.mmllm import MMLLM
+
+from .conftest import REPO
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop output of the test's own set-up
+    code = main(["--quiet", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture()
+def hf_dir(tmp_path, text_tokenizer):
+    """A tiny HF Llama with its own tokenizer files, as a user would download it."""
+    config = transformers.LlamaConfig(
+        vocab_size=len(text_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    path = tmp_path / "hf"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    text_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_vocab_build_and_show(capsys, tmp_path, text_tokenizer_dir):
+    out = tmp_path / "layout" / "vocab_layout.json"
+    code, stdout, _ = run(
+        capsys,
+        "vocab",
+        "build",
+        "--text-tokenizer",
+        str(text_tokenizer_dir),
+        "--modality",
+        "image=64,action=256",
+        "--modality",
+        "audio=32:levels=2:max_frames=20",
+        "--out",
+        str(out),
+    )
+    assert code == 0 and "image" in stdout and (out.parent / "text_tokenizer" / "tokenizer.json").is_file()
+    layout = json.loads(out.read_text())
+    assert list(layout["modalities"]) == ["image", "action", "audio"]
+    assert layout["modalities"]["image"]["grid"] == [8, 8]
+    code, stdout, _ = run(capsys, "vocab", "show", str(out.parent))
+    assert code == 0 and "audio" in stdout and "padded to" in stdout
+
+
+def test_vocab_build_from_config(capsys, tmp_path, text_tokenizer_dir):
+    out = tmp_path / "vocab_layout.json"
+    code, _, _ = run(
+        capsys,
+        "vocab",
+        "build",
+        "--config",
+        str(REPO / "configs" / "vocab" / "toy.yaml"),
+        "--text-tokenizer",
+        str(text_tokenizer_dir),
+        "--out",
+        str(out),
+    )
+    assert code == 0
+    assert set(json.loads(out.read_text())["modalities"]) == {"image", "audio", "video", "action"}
+
+
+def test_convert_from_hf_with_layout_then_to_hf(capsys, tmp_path, hf_dir, text_tokenizer_dir):
+    layout_path = tmp_path / "layout" / "vocab_layout.json"
+    run(
+        capsys,
+        "vocab",
+        "build",
+        "--text-tokenizer",
+        str(text_tokenizer_dir),
+        "--modality",
+        "image=64",
+        "--out",
+        str(layout_path),
+    )
+    code, _, err = run(
+        capsys, "convert", "--from-hf", str(hf_dir), "--layout", str(layout_path), "--out", str(tmp_path / "native")
+    )
+    assert code == 0, err
+    native = MMLLM.from_pretrained(tmp_path / "native")
+    assert native.layout is not None and native.config.vocab_size == native.layout.padded_size
+    code, _, err = run(
+        capsys, "convert", "--to-hf", str(tmp_path / "native"), "--out", str(tmp_path / "export"), "--dtype", "bfloat16"
+    )
+    assert code == 0, err
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert exported.dtype == torch.bfloat16 and exported.config.vocab_size == native.config.vocab_size
+
+
+def test_bench_model_reports_both_and_the_ratio(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    code, stdout, err = run(
+        capsys,
+        "bench",
+        "model",
+        "--config",
+        str(REPO / "configs" / "model" / "tiny.yaml"),
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert set(result["tokens_per_s"]) == {"mmllm", "hf"} and result["ratio"] > 0
+    assert "ratio mmllm / HF" in stdout
+
+
+def test_demo_fast_leaves_a_servable_model_and_report(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--fast", "--out", str(tmp_path / "demo"))
+    assert code == 0, err
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "transformers AutoModelForCausalLM on the export" in report
+    model = MMLLM.from_pretrained(tmp_path / "demo" / "model")
+    assert model.layout is not None and model.text_tokenizer is not None
+
+
+# ---------------------------------------------------------------------- bad input: one line each
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_missing_checkpoint_dir(capsys, tmp_path):
+    assert "checkpoint dir not found" in one_line_error(
+        capsys, "convert", "--to-hf", str(tmp_path / "x"), "--out", str(tmp_path / "y")
+    )
+
+
+def test_partial_checkpoint_dir(capsys, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"format": "mmllm.model", "model": {}}))
+    assert "no weights" in one_line_error(
+        capsys, "convert", "--to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "y")
+    )
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    ).save_pretrained(tmp_path / "gpt2")
+    line = one_line_error(capsys, "convert", "--from-hf", str(tmp_path / "gpt2"), "--out", str(tmp_path / "y"))
+    assert "unsupported architecture GPT2LMHeadModel" in line
+
+
+def test_embedding_size_disagreeing_with_layout(capsys, tmp_path, hf_dir, text_tokenizer_dir):
+    layout_path = tmp_path / "vocab_layout.json"
+    run(
+        capsys,
+        "vocab",
+        "build",
+        "--text-tokenizer",
+        str(text_tokenizer_dir),
+        "--modality",
+        "image=64",
+        "--base-rows",
+        "1000",
+        "--out",
+        str(layout_path),
+    )
+    line = one_line_error(
+        capsys, "convert", "--from-hf", str(hf_dir), "--layout", str(layout_path), "--out", str(tmp_path / "y")
+    )
+    assert "embedding rows but the layout was built for 1000" in line
+
+
+def test_overlapping_layout(capsys, tmp_path, toy_layout):
+    data = toy_layout.to_dict()
+    data["special_tokens"]["<|pad|>"] = data["modalities"]["image"]["start"]
+    (tmp_path / "vocab_layout.json").write_text(json.dumps(data))
+    assert "overlaps" in one_line_error(capsys, "vocab", "show", str(tmp_path / "vocab_layout.json"))
+
+
+def test_malformed_yaml_key(capsys, tmp_path):
+    (tmp_path / "model.yaml").write_text("hidden_size: 64\nnum_layers: 2\n")
+    line = one_line_error(capsys, "bench", "model", "--config", str(tmp_path / "model.yaml"))
+    assert "unknown key 'num_layers'" in line
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mmllm", "vocab", "show", str(tmp_path / "absent.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'absent.json'}: vocab layout not found"
