@@ -229,3 +229,25 @@ def test_insert_hook_pads_uneven_rows_and_trains(model):
     assert out.state.valid[1].tolist() == [True] * 8 + [False] * 2
     out.loss.backward()
     assert hook.embeddings.grad is not None and hook.embeddings.grad.abs().sum() > 0
+
+
+def test_cache_switches_from_inference_to_gradients(model):
+    """A prefix cached without gradients (preallocated slots), then continued with them."""
+    ids = random_ids((2, 10), seed=14)
+    cache = model.new_kv_cache(capacity=64)
+    with torch.no_grad():
+        prefix = model(ids[:, :6], kv_cache=cache).logits
+    rest = model(ids[:, 6:], kv_cache=cache).logits
+    assert rest.requires_grad and cache.layers[0].keys.shape[2] == 10
+    with torch.no_grad():
+        full = model(ids).logits
+    torch.testing.assert_close(torch.cat([prefix, rest.detach()], dim=1), full, **TOLERANCE)
+
+
+def test_casting_to_bf16_keeps_rope_frequencies_exact(model):
+    before = model.model.rotary_emb.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, before)
+    with torch.no_grad():
+        assert torch.isfinite(model(random_ids((1, 8))).logits).all()

@@ -134,3 +134,25 @@ def test_unsupported_architecture_is_refused(tmp_path):
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="unsupported architecture GPT2LMHeadModel"):
         MMLLM.from_pretrained(tmp_path)
+
+
+def test_partial_rotary_is_refused(tmp_path):
+    hf_model = make_hf_model(
+        "Llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}
+    )
+    hf_model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="partial rotary embeddings"):
+        MMLLM.from_pretrained(tmp_path)
+
+
+def test_configs_no_hf_class_represents_are_refused_on_export(tmp_path, tiny_config):
+    cases = [
+        (dataclasses.replace(tiny_config, qkv_bias=True, head_dim=32), "Qwen2 derives head_dim"),
+        (dataclasses.replace(tiny_config, qkv_bias=True, mlp_bias=True), "no mlp bias"),
+        (dataclasses.replace(tiny_config, o_proj_bias=True), "attention_bias"),
+        (dataclasses.replace(tiny_config, sliding_window=4, mlp_bias=True), "sliding window exports"),
+    ]
+    for config, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            MMLLM(config).export_hf(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

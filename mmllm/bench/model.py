@@ -20,15 +20,14 @@ def bench_model(
     config: ModelConfig, batch: int = 8, seq: int = 512, repeats: int = 5, warmup: int = 1, seed: int = 0
 ) -> dict:
     """Training-step tokens/s of ours and HF's Llama on the same weights; ratio = ours / HF."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     if hf.export_architecture(config) != "LlamaForCausalLM":
         raise ValueError("bench model compares against LlamaForCausalLM; use a Llama-shaped config")
     torch.manual_seed(seed)
     ours = CausalLM(config).train()
     hf_config = LlamaConfig(**hf.config_to_hf(config, None))
-    hf_config._attn_implementation = "sdpa"
-    theirs = LlamaForCausalLM(hf_config).train()
+    theirs = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").train()
     theirs.load_state_dict(ours.state_dict())
     ids = torch.randint(config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

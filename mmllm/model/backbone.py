@@ -112,15 +112,20 @@ def _yarn_frequencies(config: ModelConfig, scaling: dict[str, Any]) -> tuple[Ten
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin of each position, computed in fp32 from the positions (no table to outgrow)."""
+    """cos/sin of each position, computed in fp32 from the positions (no table to outgrow).
+
+    The frequencies are a plain attribute, not a buffer, so casting the model to bf16 never
+    rounds them; they follow the positions' device on first use.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        inv_freq, self.attention_scaling = rope_frequencies(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq, self.attention_scaling = rope_frequencies(config)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = (angles.cos() * self.attention_scaling).to(dtype)
         sin = (angles.sin() * self.attention_scaling).to(dtype)
@@ -192,9 +197,11 @@ class LayerKV:
         """Add (B, H, T, D) keys/values; return every cached key and value so far."""
         new_len = self.length + keys.shape[2]
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
-            self.keys, self.values = self._concat(self.keys, keys, 2), self._concat(self.values, values, 2)
-            self.positions = self._concat(self.positions, positions, 1)
-            self.valid = self._concat(self.valid, valid, 1)
+            n = self.length
+            self.keys = keys if n == 0 else torch.cat((self.keys[:, :, :n], keys), dim=2)
+            self.values = values if n == 0 else torch.cat((self.values[:, :, :n], values), dim=2)
+            self.positions = positions if n == 0 else torch.cat((self.positions[:, :n], positions), dim=1)
+            self.valid = valid if n == 0 else torch.cat((self.valid[:, :n], valid), dim=1)
             self.length = new_len
             return self.keys, self.values
         if self.keys is None or new_len > self.keys.shape[2] or self.keys.requires_grad:
@@ -218,12 +225,6 @@ class LayerKV:
             n = self.length
             self.keys[:, :, :n], self.values[:, :, :n] = old[0][:, :, :n].detach(), old[1][:, :, :n].detach()
             self.positions[:, :n], self.valid[:, :n] = old[2][:, :n], old[3][:, :n]
-
-    @staticmethod
-    def _concat(old: Tensor | None, new: Tensor, dim: int) -> Tensor:
-        if old is None:
-            return new
-        return torch.cat((old, new), dim=dim)
 
     def key_meta(self) -> tuple[Tensor, Tensor]:
         """Positions and validity (B, length) of the cached slots."""
@@ -550,7 +551,8 @@ class CausalLM(nn.Module):
     ) -> CausalLMOutput:
         """Logits for every token (or the last `logits_to_keep`), and the loss when labels are given.
 
-        `attention_mask` (B, T) is 1 for real tokens and 0 for padding, as in HF. `labels` are
+        `attention_mask` (B, T) is 1 for real tokens and 0 for padding, as in HF, and covers
+        this forward's tokens only: the KV cache remembers which earlier slots were real. `labels` are
         aligned with the input and shifted here; `IGNORE_INDEX` positions, and the last token
         of each packed document, carry no loss.
         """

@@ -42,6 +42,9 @@ def config_from_hf(hf_config: dict[str, Any], where: str) -> ModelConfig:
         raise CheckpointError(f"{where}: hidden_act {hf_config['hidden_act']!r} is not supported (only silu)")
     rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
+    partial = rope.pop("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise CheckpointError(f"{where}: partial rotary embeddings (factor {partial}) are not supported")
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = {}
     attention_bias = bool(hf_config.get("attention_bias", False))
@@ -135,6 +138,8 @@ def config_to_hf(config: ModelConfig, layout: VocabLayout | None) -> dict[str, A
         initializer_range=config.initializer_range,
         hidden_act="silu",
     )
+    if family == "qwen2" and config.head_dim != config.hidden_size // config.num_attention_heads:
+        raise CheckpointError("Qwen2 derives head_dim from hidden_size / heads; this config sets another head_dim")
     if family in ("llama", "qwen3"):
         kwargs["attention_bias"] = config.qkv_bias
     if family == "llama":

@@ -139,7 +139,7 @@ class MMLLM(CausalLM):
         self.load_state_dict(state, strict=False, assign=True)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.model.rotary_emb.inv_freq = rope_frequencies(self.config)[0]
+        self.model.rotary_emb.inv_freq = rope_frequencies(self.config)[0]  # built on meta above
 
     # ------------------------------------------------------------------ saving
 
