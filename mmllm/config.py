@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from mmllm.errors import ConfigError
+from mmllm.errors import ConfigError, MMLLMError
 
 T = TypeVar("T")
 
@@ -48,6 +49,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def read_json_object(path: Path, error: type[MMLLMError], what: str) -> dict[str, Any]:
+    """A JSON object from a file, with one-line errors for a missing, malformed or non-object file."""
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
     return data
 
 

@@ -370,15 +370,9 @@ class VocabLayout:
         path = Path(path)
         if path.is_dir():
             path = path / "vocab_layout.json"
-        if not path.is_file():
-            raise LayoutError(f"{path}: vocab layout not found")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise LayoutError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise LayoutError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, str(path))
+        from mmllm.config import read_json_object
+
+        return cls.from_dict(read_json_object(path, LayoutError, "vocab layout"), str(path))
 
     def validate(self, where: str = "vocab layout") -> None:
         """Ranges must not overlap or leave [base_rows, padded_size); padded to a multiple of 64."""

@@ -76,3 +76,23 @@ def tiny_config():
     from mmllm.model.config import ModelConfig
 
     return ModelConfig.from_yaml(REPO / "configs" / "model" / "tiny.yaml", ["vocab_size=256"])
+
+
+def save_tiny_hf(path: Path, family: str = "Llama", vocab_size: int = 128, tokenizer=None, **overrides) -> Path:
+    """A tiny random HF `family` model saved at `path`, with the tokenizer's files when given."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

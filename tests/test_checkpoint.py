@@ -15,6 +15,8 @@ from mmllm.model.mmllm import MMLLM
 from mmllm.model.weights import INDEX_FILE, atomic_directory
 from mmllm.vocab import ModalityRange, VocabLayout
 
+from .conftest import save_tiny_hf
+
 
 @pytest.fixture()
 def model(tiny_config, toy_layout, text_tokenizer):
@@ -64,16 +66,7 @@ def test_failed_save_leaves_the_old_checkpoint(model, tmp_path):
 
 def test_extend_vocab_keeps_old_rows_and_starts_new_rows_near_the_mean(tmp_path, text_tokenizer):
     base_rows = len(text_tokenizer) + 40  # a pretrained model with unused padding rows
-    hf_config = transformers.LlamaConfig(
-        vocab_size=base_rows,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
+    save_tiny_hf(tmp_path / "hf", vocab_size=base_rows)
     model = MMLLM.from_pretrained(tmp_path / "hf", text_tokenizer=text_tokenizer)
     old_embed = model.model.embed_tokens.weight.clone()
     old_head = model.lm_head.weight.clone()

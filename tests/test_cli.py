@@ -13,7 +13,7 @@ import transformers
 from mmllm.cli import main
 from mmllm.model.mmllm import MMLLM
 
-from .conftest import REPO
+from .conftest import REPO, save_tiny_hf
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -26,19 +26,14 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.fixture()
 def hf_dir(tmp_path, text_tokenizer):
     """A tiny HF Llama with its own tokenizer files, as a user would download it."""
-    config = transformers.LlamaConfig(
-        vocab_size=len(text_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return save_tiny_hf(tmp_path / "hf", vocab_size=len(text_tokenizer), tokenizer=text_tokenizer)
+
+
+def build_layout(capsys, text_tokenizer_dir, out, *options: str) -> None:
+    code, _, err = run(
+        capsys, "vocab", "build", "--text-tokenizer", str(text_tokenizer_dir), "--out", str(out), *options
     )
-    torch.manual_seed(0)
-    path = tmp_path / "hf"
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    text_tokenizer.save_pretrained(path)
-    return path
+    assert code == 0, err
 
 
 def test_vocab_build_and_show(capsys, tmp_path, text_tokenizer_dir):
@@ -66,34 +61,13 @@ def test_vocab_build_and_show(capsys, tmp_path, text_tokenizer_dir):
 
 def test_vocab_build_from_config(capsys, tmp_path, text_tokenizer_dir):
     out = tmp_path / "vocab_layout.json"
-    code, _, _ = run(
-        capsys,
-        "vocab",
-        "build",
-        "--config",
-        str(REPO / "configs" / "vocab" / "toy.yaml"),
-        "--text-tokenizer",
-        str(text_tokenizer_dir),
-        "--out",
-        str(out),
-    )
-    assert code == 0
+    build_layout(capsys, text_tokenizer_dir, out, "--config", str(REPO / "configs" / "vocab" / "toy.yaml"))
     assert set(json.loads(out.read_text())["modalities"]) == {"image", "audio", "video", "action"}
 
 
 def test_convert_from_hf_with_layout_then_to_hf(capsys, tmp_path, hf_dir, text_tokenizer_dir):
     layout_path = tmp_path / "layout" / "vocab_layout.json"
-    run(
-        capsys,
-        "vocab",
-        "build",
-        "--text-tokenizer",
-        str(text_tokenizer_dir),
-        "--modality",
-        "image=64",
-        "--out",
-        str(layout_path),
-    )
+    build_layout(capsys, text_tokenizer_dir, layout_path, "--modality", "image=64")
     code, _, err = run(
         capsys, "convert", "--from-hf", str(hf_dir), "--layout", str(layout_path), "--out", str(tmp_path / "native")
     )
@@ -177,19 +151,7 @@ def test_unsupported_architecture(capsys, tmp_path):
 
 def test_embedding_size_disagreeing_with_layout(capsys, tmp_path, hf_dir, text_tokenizer_dir):
     layout_path = tmp_path / "vocab_layout.json"
-    run(
-        capsys,
-        "vocab",
-        "build",
-        "--text-tokenizer",
-        str(text_tokenizer_dir),
-        "--modality",
-        "image=64",
-        "--base-rows",
-        "1000",
-        "--out",
-        str(layout_path),
-    )
+    build_layout(capsys, text_tokenizer_dir, layout_path, "--modality", "image=64", "--base-rows", "1000")
     line = one_line_error(
         capsys, "convert", "--from-hf", str(hf_dir), "--layout", str(layout_path), "--out", str(tmp_path / "y")
     )

@@ -14,12 +14,11 @@ import shlex
 import shutil
 
 import pytest
-import torch
 import transformers
 
 from mmllm.cli import main
 
-from .conftest import REPO
+from .conftest import REPO, save_tiny_hf
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 TINY_BENCH = ["--config", str(REPO / "configs/model/tiny.yaml"), "--batch", "2", "--seq", "16", "--repeats", "1"]
@@ -48,17 +47,8 @@ def test_readme_has_the_commands_it_documents():
 def test_readme_commands_and_example_run(tmp_path, monkeypatch, caption_file, text_tokenizer):
     monkeypatch.chdir(tmp_path)
     shutil.copy(caption_file, tmp_path / "captions.txt")
-    config = transformers.Qwen2Config(
-        vocab_size=len(text_tokenizer) + 40,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "my-llm")
-    text_tokenizer.save_pretrained(tmp_path / "my-llm")
+    rows = len(text_tokenizer) + 40  # more embedding rows than tokens, like Qwen2
+    save_tiny_hf(tmp_path / "my-llm", "Qwen2", vocab_size=rows, tokenizer=text_tokenizer)
 
     for argv in readme_commands():
         if argv[:2] == ["bench", "model"]:
@@ -68,7 +58,7 @@ def test_readme_commands_and_example_run(tmp_path, monkeypatch, caption_file, te
     (example,) = blocks("python")
     exec(compile(example, "README.md", "exec"), {})
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "my-llm-mm-hf")
-    assert hf.config.vocab_size > config.vocab_size
+    assert hf.config.vocab_size > rows
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmllm.config import from_dict, to_dict
+from mmllm.config import from_dict, read_json_object, to_dict
 from mmllm.errors import CheckpointError
 from mmllm.model import hf
 from mmllm.model.backbone import CausalLM, rope_frequencies
@@ -91,10 +91,7 @@ class MMLLM(CausalLM):
         config_path = path / CONFIG_FILE
         if not config_path.is_file():
             raise CheckpointError(f"{path}: no {CONFIG_FILE} (not a checkpoint dir, or a partial one)")
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+        raw = read_json_object(config_path, CheckpointError, CONFIG_FILE)
         if raw.get("format") == NATIVE_FORMAT:
             config = from_dict(ModelConfig, raw.get("model", {}), str(config_path))
         else:
