@@ -20,3 +20,7 @@ class LayoutError(MMLLMError):
 
 class CheckpointError(MMLLMError):
     """A checkpoint dir that is missing, partial, or disagrees with itself."""
+
+
+class InputError(MMLLMError):
+    """Model inputs that do not fit the model, such as ids outside the vocabulary."""

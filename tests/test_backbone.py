@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmllm.errors import InputError
 from mmllm.model.backbone import IGNORE_INDEX, AttentionMasks, CausalLM, TokenState
 from mmllm.model.hooks import DropTokens, FeedbackLatent, InsertTokens
 
@@ -107,6 +108,12 @@ def test_z_loss_adds_mean_squared_log_partition(tiny_config):
     base, total = plain(ids, labels=ids), with_z(ids, labels=ids)
     log_z = torch.logsumexp(base.logits[:, :-1].float(), dim=-1)
     torch.testing.assert_close(total.loss - base.loss, 1e-2 * log_z.pow(2).mean(), **TOLERANCE)
+
+
+@pytest.mark.parametrize("bad", [-1, 256, 10_000])
+def test_out_of_range_ids_are_named(model, bad):
+    with pytest.raises(InputError, match=f"input id {bad} is outside the vocabulary \\[0, 256\\)"):
+        model(torch.tensor([[1, bad, 2]]))
 
 
 def test_tied_embeddings_share_one_matrix(tiny_config):

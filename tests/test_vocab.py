@@ -96,6 +96,22 @@ def test_first_k_keeps_the_coarse_levels(toy_layout):
     assert toy_layout.ids_to_codes("speech", ids).codes.tolist() == codes[:, :2].tolist()
 
 
+@pytest.mark.parametrize(
+    "modality, codes, message",
+    [
+        ("image", np.zeros((3, 3), int), r"shape \(3, 3\); expected \(frames, 1\) or \(2, 2, 1\)"),
+        ("image", np.array([0, 1, 2, 32]), r"code 32 is outside \[0, 32\)"),
+        ("image", np.zeros(4), "must be integers"),
+        ("audio", np.zeros((7, 2), int), "7 frames; allowed 1..6"),
+        ("audio", np.zeros((2, 3), int), r"shape \(2, 3\); expected \(frames, 2\)"),
+        ("depth", np.zeros(4, int), "modality 'depth' is not in this layout"),
+    ],
+)
+def test_wrong_codes_get_one_clear_line(toy_layout, modality, codes, message):
+    with pytest.raises(LayoutError, match=message):
+        toy_layout.codes_to_ids(modality, codes)
+
+
 def test_ragged_batch_is_padded_with_lengths(toy_layout):
     items = [np.zeros((2, 2), int), np.ones((5, 2), int)]
     batch, lengths = toy_layout.codes_to_ids_batch("audio", items)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmllm.errors import ConfigError
+from mmllm.errors import ConfigError, InputError
 from mmllm.model.config import ModelConfig
 from mmllm.model.loss import IGNORE_INDEX, cross_entropy
 
@@ -454,6 +454,11 @@ class Backbone(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if document_ids is not None and kv_cache is not None:
             raise ValueError("document_ids (packed rows) are for training; they cannot be combined with a KV cache")
+        if input_ids is not None and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise InputError(f"input id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = hidden.shape[:2]
         device = hidden.device
