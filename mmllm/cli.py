@@ -159,7 +159,7 @@ def cmd_vocab_build(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     layout.save(out)
     tokenizer.save_pretrained(str(out.parent / "text_tokenizer"))
-    print(describe_layout(layout))
+    print(layout.describe())
     print(f"-> {out}")
 
 
@@ -174,25 +174,7 @@ def _embedding_rows(model_dir: Path) -> int | None:
 def cmd_vocab_show(args: argparse.Namespace) -> None:
     from mmllm.vocab import VocabLayout
 
-    print(describe_layout(VocabLayout.load(args.layout)))
-
-
-def describe_layout(layout) -> str:
-    rows = [
-        f"{'range':<12} {'ids':>20} {'size':>8}  structure",
-        f"{'text':<12} {f'[0, {layout.text_size})':>20} {layout.text_size:>8}",
-    ]
-    if layout.base_rows > layout.text_size:
-        unused = layout.base_rows - layout.text_size
-        rows.append(f"{'(unused)':<12} {f'[{layout.text_size}, {layout.base_rows})':>20} {unused:>8}")
-    first, last = min(layout.special_tokens.values()), max(layout.special_tokens.values()) + 1
-    rows.append(f"{'specials':<12} {f'[{first}, {last})':>20} {len(layout.special_tokens):>8}")
-    for m in layout.modalities.values():
-        structure = f"codebook {m.codebook_size} x {m.levels} levels, {m.flattening}"
-        structure += f", grid {'x'.join(map(str, m.grid))}" if m.grid else f", up to {m.max_frames} frames"
-        rows.append(f"{m.name:<12} {f'[{m.start}, {m.end})':>20} {m.size:>8}  {structure}, {m.max_length} ids/item")
-    rows.append(f"{'total':<12} {layout.total_size:>29}  padded to {layout.padded_size}")
-    return "\n".join(rows)
+    print(VocabLayout.load(args.layout).describe())
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

@@ -137,12 +137,10 @@ def _elide_span(tokens: list[str], begin: str, end: str, keep: int = 3) -> list[
 
 
 def _report(layout, model, input_ids, hf_tokens, stages, checks, seconds) -> str:
-    from mmllm.cli import describe_layout
-
     lines = ["# mmllm demo report", "", f"Wall time: {seconds:.1f} s.", "", "## Stages", ""]
     lines += ["| stage | seconds | result |", "|---|---|---|"]
     lines += [f"| {name} | {secs:.1f} | {detail} |" for name, secs, detail in stages]
-    lines += ["", "## Vocabulary layout", "", "```", describe_layout(layout), "```", ""]
+    lines += ["", "## Vocabulary layout", "", "```", layout.describe(), "```", ""]
     lines += ["## A conversation through the chat template", ""]
     lines += [f"{len(input_ids)} ids, as the exported HF tokenizer names them (image codes elided):", ""]
     lines += ["```", " ".join(_elide_span(hf_tokens, "<|boi|>", "<|eoi|>")), "```", ""]

@@ -402,6 +402,24 @@ class VocabLayout:
             if lo_b < hi_a:
                 raise LayoutError(f"{where}: {a} [{lo_a}, {hi_a}) overlaps {b} starting at {lo_b}")
 
+    def describe(self) -> str:
+        """A table of the layout's ranges, as `mmllm vocab show` prints it."""
+        rows = [
+            f"{'range':<12} {'ids':>20} {'size':>8}  structure",
+            f"{'text':<12} {f'[0, {self.text_size})':>20} {self.text_size:>8}",
+        ]
+        if self.base_rows > self.text_size:
+            unused = self.base_rows - self.text_size
+            rows.append(f"{'(unused)':<12} {f'[{self.text_size}, {self.base_rows})':>20} {unused:>8}")
+        first, last = min(self.special_tokens.values()), max(self.special_tokens.values()) + 1
+        rows.append(f"{'specials':<12} {f'[{first}, {last})':>20} {len(self.special_tokens):>8}")
+        for m in self.modalities.values():
+            structure = f"codebook {m.codebook_size} x {m.levels} levels, {m.flattening}"
+            structure += f", grid {'x'.join(map(str, m.grid))}" if m.grid else f", up to {m.max_frames} frames"
+            rows.append(f"{m.name:<12} {f'[{m.start}, {m.end})':>20} {m.size:>8}  {structure}, {m.max_length} ids/item")
+        rows.append(f"{'total':<12} {self.total_size:>29}  padded to {self.padded_size}")
+        return "\n".join(rows)
+
     # ---------------------------------------------------------------- lookups
 
     def token_id(self, name: str) -> int:
