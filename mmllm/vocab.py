@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mmllm.config import from_dict, read_json_object
 from mmllm.errors import LayoutError
 
 FORMAT_NAME = "mmllm.vocab_layout"
@@ -213,8 +214,6 @@ class VocabSpec:
     spare: int = 32
 
     def modality_ranges(self) -> list[ModalityRange]:
-        from mmllm.config import from_dict
-
         return [
             from_dict(ModalityRange, {**spec, "name": name}, f"modality {name}")
             for name, spec in self.modalities.items()
@@ -370,8 +369,6 @@ class VocabLayout:
         path = Path(path)
         if path.is_dir():
             path = path / "vocab_layout.json"
-        from mmllm.config import read_json_object
-
         return cls.from_dict(read_json_object(path, LayoutError, "vocab layout"), str(path))
 
     def validate(self, where: str = "vocab layout") -> None:

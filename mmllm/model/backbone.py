@@ -455,7 +455,7 @@ class Backbone(nn.Module):
         if document_ids is not None and kv_cache is not None:
             raise ValueError("document_ids (packed rows) are for training; they cannot be combined with a KV cache")
         if input_ids is not None and input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(v) for v in torch.aminmax(input_ids))  # one pass, one sync per forward
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
                 raise InputError(f"input id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
