@@ -30,6 +30,12 @@ setup(
         "sentencepiece>=0.2",
         "protobuf>=5",
         "numpy>=1.26",
+        # Media I/O without torchvision/torchaudio (no CPU builds): PNG/GIF, WAV, resampling,
+        # and MP4/WebM through PyAV's bundled FFmpeg.
+        "pillow>=10",
+        "soundfile>=0.12",
+        "scipy>=1.11",
+        "av>=12",
         "pyyaml>=6",
         "tqdm>=4.66",
     ],

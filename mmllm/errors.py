@@ -24,3 +24,7 @@ class CheckpointError(MMLLMError):
 
 class InputError(MMLLMError):
     """Model inputs that do not fit the model, such as ids outside the vocabulary."""
+
+
+class MediaError(InputError):
+    """A media file or array that cannot be read or does not fit: corrupt, truncated, wrong shape."""

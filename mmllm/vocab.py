@@ -74,6 +74,10 @@ class ModalityRange:
 
     `grid` fixes the frames per item (H x W for images, T x H x W for video). Without a grid
     the modality is ragged: up to `max_frames` frames, closed by the end token.
+
+    `row_end` gives variable resolution and aspect ratio the way Emu3 does: the 2-D `grid` is
+    then the largest (rows, cols), and each row of an item is followed by the range's
+    end-of-row id, so an item of any rows x cols within the grid reads back with its shape.
     """
 
     name: str
@@ -83,6 +87,7 @@ class ModalityRange:
     flattening: Flattening = "frame_major"
     first_k: int | None = None
     max_frames: int | None = None
+    row_end: bool = False
     start: int = -1  # first id; assigned by VocabLayout.build
 
     def __post_init__(self) -> None:
@@ -96,7 +101,8 @@ class ModalityRange:
 
     @property
     def size(self) -> int:
-        return self.stream_levels * self.codebook_size + (1 if self.flattening == "delay" else 0)
+        extra = 1 if self.flattening == "delay" or self.row_end else 0
+        return self.stream_levels * self.codebook_size + extra
 
     @property
     def end(self) -> int:
@@ -108,9 +114,14 @@ class ModalityRange:
         return self.end - 1 if self.flattening == "delay" else None
 
     @property
+    def row_end_id(self) -> int | None:
+        """The end-of-row id of a variable-resolution range, or None."""
+        return self.end - 1 if self.row_end else None
+
+    @property
     def frames(self) -> int | None:
-        """Frames per item, or None when ragged."""
-        return math.prod(self.grid) if self.grid is not None else None
+        """Frames per item, or None when ragged (no grid, or a grid that is only a maximum)."""
+        return math.prod(self.grid) if self.grid is not None and not self.row_end else None
 
     @property
     def fixed_length(self) -> int | None:
@@ -123,6 +134,9 @@ class ModalityRange:
 
     @property
     def max_length(self) -> int:
+        if self.row_end:
+            rows, cols = self.grid
+            return rows * (cols * self.stream_levels + 1)
         frames = self.frames if self.frames is not None else self.max_frames
         return self.fixed_length or frames * self.stream_levels
 
@@ -141,6 +155,8 @@ class ModalityRange:
             raise LayoutError(f"{n}: first_k is only used with first_k flattening")
         if self.grid is not None and (not self.grid or min(self.grid) < 1):
             raise LayoutError(f"{n}: grid dimensions must be >= 1, got {self.grid}")
+        if self.row_end and (self.grid is None or len(self.grid) != 2 or self.flattening == "delay"):
+            raise LayoutError(f"{n}: row_end needs a 2-D maximum grid (rows, cols) and no delay pattern")
         if self.grid is None and not (self.max_frames and self.max_frames >= 1):
             raise LayoutError(f"{n}: a ragged modality (no grid) needs max_frames >= 1")
         if self.flattening == "delay" and self.grid is None:
@@ -159,6 +175,8 @@ class ModalityRange:
             data["first_k"] = self.first_k
         if self.max_frames is not None:
             data["max_frames"] = self.max_frames
+        if self.row_end:
+            data["row_end"] = True
         return data
 
 
@@ -175,7 +193,7 @@ DEFAULT_STRUCTURE: dict[str, dict[str, Any]] = {
 def parse_modality(spec: str) -> ModalityRange:
     """Parse the CLI syntax `NAME=CODEBOOK[:key=value...]`, e.g. `audio=1024:levels=4:flattening=delay:grid=50`.
 
-    Keys: grid (AxB[xC]), levels, flattening, first_k, max_frames. Standard names take the
+    Keys: grid (AxB[xC]), levels, flattening, first_k, max_frames, row_end (1/0). Standard names take the
     toy-world structure in DEFAULT_STRUCTURE unless given.
     """
     head, *options = spec.split(":")
@@ -196,9 +214,12 @@ def parse_modality(spec: str) -> ModalityRange:
                 fields.pop("grid", None)
         elif key == "flattening":
             fields[key] = value
+        elif key == "row_end":
+            fields[key] = value.lower() in ("1", "true", "yes")
         else:
             raise LayoutError(
-                f"modality spec {spec!r}: unknown option {key!r} (grid, levels, flattening, first_k, max_frames)"
+                f"modality spec {spec!r}: unknown option {key!r} "
+                "(grid, levels, flattening, first_k, max_frames, row_end)"
             )
     return ModalityRange(name=name, codebook_size=int(size), **fields)
 
@@ -339,6 +360,7 @@ class VocabLayout:
                     flattening=spec["flattening"],
                     first_k=spec.get("first_k"),
                     max_frames=spec.get("max_frames"),
+                    row_end=bool(spec.get("row_end", False)),
                     start=int(spec["start"]),
                 )
                 m.check(where)
@@ -412,7 +434,10 @@ class VocabLayout:
         rows.append(f"{'specials':<12} {f'[{first}, {last})':>20} {len(self.special_tokens):>8}")
         for m in self.modalities.values():
             structure = f"codebook {m.codebook_size} x {m.levels} levels, {m.flattening}"
-            structure += f", grid {'x'.join(map(str, m.grid))}" if m.grid else f", up to {m.max_frames} frames"
+            if m.row_end:
+                structure += f", up to {'x'.join(map(str, m.grid))} with end-of-row ids"
+            else:
+                structure += f", grid {'x'.join(map(str, m.grid))}" if m.grid else f", up to {m.max_frames} frames"
             rows.append(f"{m.name:<12} {f'[{m.start}, {m.end})':>20} {m.size:>8}  {structure}, {m.max_length} ids/item")
         rows.append(f"{'total':<12} {self.total_size:>29}  padded to {self.padded_size}")
         return "\n".join(rows)
@@ -470,6 +495,8 @@ class VocabLayout:
         m = self.modalities[name]
         if token_id == m.empty_id:
             return f"<|{name}_empty|>"
+        if token_id == m.row_end_id:
+            return f"<|{name}_end_of_row|>"
         level, code = divmod(token_id - m.start, m.codebook_size)
         width = len(str(m.codebook_size - 1))
         return f"<|{name}_{code:0{width}d}|>" if m.stream_levels == 1 else f"<|{name}_l{level}_{code:0{width}d}|>"
@@ -481,8 +508,11 @@ class VocabLayout:
 
         `codes` is (frames, levels), or the grid shape followed by levels, or, with one level,
         just (frames,) or the grid shape. With `first_k` flattening, extra levels are ignored.
+        A `row_end` modality takes (rows, cols, levels), or (rows, cols) with one level.
         """
         m = self.modality(modality)
+        if m.row_end:
+            return self._rows_to_ids(m, codes)
         frames = self._as_frames(m, codes)
         levels = m.stream_levels
         offsets = m.start + np.arange(levels, dtype=np.int64) * m.codebook_size
@@ -493,6 +523,23 @@ class VocabLayout:
         for level in range(k):
             stream[level : level + n, level] = frames[:, level] + offsets[level]
         return stream.reshape(-1)
+
+    def _rows_to_ids(self, m: ModalityRange, codes: Any) -> np.ndarray:
+        array = np.asarray(codes.cpu() if hasattr(codes, "cpu") else codes)
+        if array.ndim == 2 and m.levels == 1:
+            array = array[..., None]
+        max_rows, max_cols = m.grid
+        if array.ndim != 3 or not (1 <= array.shape[0] <= max_rows and 1 <= array.shape[1] <= max_cols):
+            raise LayoutError(
+                f"{m.name} codes have shape {tuple(array.shape)}; expected (rows, cols, {m.levels}) "
+                f"within {max_rows}x{max_cols}"
+            )
+        rows, cols = array.shape[:2]
+        frames = self._as_frames(_one_row_range(m, rows * cols), array.reshape(rows * cols, -1))
+        k = m.stream_levels
+        offsets = m.start + np.arange(k, dtype=np.int64) * m.codebook_size
+        body = (frames[:, :k] + offsets).reshape(rows, cols * k)
+        return np.concatenate([body, np.full((rows, 1), m.row_end_id, dtype=np.int64)], axis=1).reshape(-1)
 
     def span_ids(self, modality: str, codes: Any) -> list[int]:
         """One item as it sits in a sequence: begin token, code ids, end token."""
@@ -517,6 +564,12 @@ class VocabLayout:
         ids = np.asarray(list(ids), dtype=np.int64).reshape(-1)
         if m.flattening == "delay":
             return self._undelay(m, ids, strict)
+        if m.row_end:
+            return self._ids_to_rows(m, ids, strict)
+        return self._ids_to_frames(m, ids, strict)
+
+    def _ids_to_frames(self, m: ModalityRange, ids: np.ndarray, strict: bool) -> CodesResult:
+        modality = m.name
         k = m.stream_levels
         level = (ids - m.start) // m.codebook_size
         in_range = (ids >= m.start) & (ids < m.start + k * m.codebook_size)
@@ -560,6 +613,41 @@ class VocabLayout:
             dropped += (len(frames) - limit) * k
             frames = frames[:limit]
         codes = np.array(frames, dtype=np.int64).reshape(-1, k)
+        return CodesResult(codes, dropped)
+
+    def _ids_to_rows(self, m: ModalityRange, ids: np.ndarray, strict: bool) -> CodesResult:
+        """Codes (rows, cols, levels) of a variable-resolution span; each row ends with end-of-row.
+
+        Lenient mode keeps the rows as wide as the first non-empty one (up to the grid's rows),
+        and drops the other rows and any ids after the last end-of-row, counting them.
+        """
+        max_rows, max_cols = m.grid
+        pieces = np.split(ids, np.flatnonzero(ids == m.row_end_id) + 1)
+        tail, rows = pieces[-1], [piece[:-1] for piece in pieces[:-1]]
+        row_range = _one_row_range(m, max_cols)
+        if strict:
+            if tail.size or not rows:
+                raise LayoutError(f"{m.name} span does not end with an end-of-row id after its last row")
+            if len(rows) > max_rows:
+                raise LayoutError(f"{m.name} span has {len(rows)} rows; the grid allows {max_rows}")
+            if any(row.size == 0 for row in rows):
+                raise LayoutError(f"{m.name} span has an empty row")
+            decoded = [self._ids_to_frames(row_range, row, strict=True).codes for row in rows]
+            widths = sorted({len(row) for row in decoded})
+            if len(widths) != 1:
+                raise LayoutError(f"{m.name} span has rows of different widths {widths}")
+            return CodesResult(np.stack(decoded))
+        dropped = len(tail)
+        kept: list[np.ndarray] = []
+        for row in rows:
+            result = self._ids_to_frames(row_range, row, strict=False)
+            width = len(kept[0]) if kept else len(result.codes)
+            if len(result.codes) and len(result.codes) == width and len(kept) < max_rows:
+                kept.append(result.codes)
+                dropped += result.dropped
+            else:
+                dropped += row.size + 1  # the whole row and its end-of-row id
+        codes = np.stack(kept) if kept else np.zeros((0, 0, m.stream_levels), dtype=np.int64)
         return CodesResult(codes, dropped)
 
     def _undelay(self, m: ModalityRange, ids: np.ndarray, strict: bool) -> CodesResult:
@@ -648,7 +736,7 @@ class VocabLayout:
                 result = self.ids_to_codes(name, ids[i + 1 : j], strict=strict)
                 dropped += result.dropped
                 m = self.modalities[name]
-                full = m.frames is None or len(result.codes) == m.frames
+                full = len(result.codes) > 0 if m.frames is None else len(result.codes) == m.frames
                 span_ids = ids[i : j + 1] if closed else ids[i:j]
                 segments.append(Segment("span", span_ids, name, result.codes, closed and full))
                 i = j + 1
@@ -671,26 +759,33 @@ class VocabLayout:
 
     # ---------------------------------------------------------------- logit masks
 
-    def allowed_ids(self, modality: str, step: int) -> np.ndarray:
+    def allowed_ids(self, modality: str, step: int, row_width: int | None = None) -> np.ndarray:
         """Ids allowed at `step` of a span (0 = right after its begin token), sorted.
 
         For "text": text ids, every span's begin token, end of turn and end of document.
         For a modality: the codes of the level this step holds (the empty id where the delay
         pattern needs it), the end token once the item may end, and only it when it must.
+        A `row_end` modality lays out rows of `row_width` frames (default: the grid's widest),
+        each followed by its end-of-row id; the item may end after any whole row.
         """
-        key = (modality, step)
+        key = (modality, step, row_width)
         if key not in self._allowed_cache:
-            self._allowed_cache[key] = _allowed_ids(self, modality, step)
+            self._allowed_cache[key] = _allowed_ids(self, modality, step, row_width)
         return self._allowed_cache[key]
 
-    def allowed_mask(self, modality: str, step: int) -> np.ndarray:
+    def allowed_mask(self, modality: str, step: int, row_width: int | None = None) -> np.ndarray:
         """`allowed_ids` as a boolean mask over all `padded_size` rows."""
         mask = np.zeros(self.padded_size, dtype=bool)
-        mask[self.allowed_ids(modality, step)] = True
+        mask[self.allowed_ids(modality, step, row_width)] = True
         return mask
 
 
-def _allowed_ids(layout: VocabLayout, modality: str, step: int) -> np.ndarray:
+def _one_row_range(m: ModalityRange, max_frames: int) -> ModalityRange:
+    """`m` seen as a plain ragged range, to read one row (or all rows' frames) of a row_end item."""
+    return dataclasses.replace(m, grid=None, row_end=False, max_frames=max_frames)
+
+
+def _allowed_ids(layout: VocabLayout, modality: str, step: int, row_width: int | None) -> np.ndarray:
     if modality == "text":
         extra = [layout.begin_id(name) for name in layout.modalities]
         extra += [layout.token_id("<|bolt|>"), layout.token_id(END_OF_TURN), layout.token_id("<|eos|>")]
@@ -707,6 +802,8 @@ def _allowed_ids(layout: VocabLayout, modality: str, step: int) -> np.ndarray:
             lo = m.level_start(step % m.levels)
             return np.arange(lo, lo + m.codebook_size, dtype=np.int64)
         return end if step == len(expected) else np.empty(0, dtype=np.int64)
+    if m.row_end:
+        return _allowed_in_rows(layout, m, step, row_width)
     k = m.stream_levels
     frames_done, level = divmod(step, k)
     limit = m.frames if m.frames is not None else m.max_frames
@@ -717,3 +814,20 @@ def _allowed_ids(layout: VocabLayout, modality: str, step: int) -> np.ndarray:
     if m.frames is None and level == 0 and frames_done >= 1:
         return np.concatenate([codes, end])
     return codes
+
+
+def _allowed_in_rows(layout: VocabLayout, m: ModalityRange, step: int, row_width: int | None) -> np.ndarray:
+    max_rows, max_cols = m.grid
+    width = max_cols if row_width is None else row_width
+    if not 1 <= width <= max_cols:
+        raise LayoutError(f"row_width {width} is outside 1..{max_cols} for {m.name}")
+    k = m.stream_levels
+    row, position = divmod(step, width * k + 1)
+    if position == width * k:
+        return np.array([m.row_end_id], dtype=np.int64)
+    end = np.array([layout.end_id(m.name)], dtype=np.int64)
+    if row == max_rows:
+        return end if position == 0 else np.empty(0, dtype=np.int64)
+    lo = m.level_start(position % k)
+    codes = np.arange(lo, lo + m.codebook_size, dtype=np.int64)
+    return np.concatenate([codes, end]) if position == 0 and row >= 1 else codes

@@ -278,3 +278,66 @@ def test_masks_admit_exactly_the_valid_next_ids(layout):
                 expected.add(end)
             assert set(layout.allowed_ids(m.name, step).tolist()) == expected, (m, step)
         assert layout.allowed_ids(m.name, longest + 1).size == 0
+
+
+def _variable_resolution_layout() -> VocabLayout:
+    image = ModalityRange("image", codebook_size=16, levels=2, grid=(4, 6), row_end=True)
+    return VocabLayout.build(text_size=100, modalities=[image])
+
+
+def test_row_end_round_trips_any_shape_within_the_grid(tmp_path):
+    layout = _variable_resolution_layout()
+    m = layout.modality("image")
+    assert m.size == 2 * 16 + 1 and m.max_length == 4 * (6 * 2 + 1)
+    rng = np.random.default_rng(0)
+    for rows, cols in [(1, 1), (3, 5), (4, 6), (2, 6)]:
+        codes = rng.integers(0, 16, size=(rows, cols, 2))
+        ids = layout.codes_to_ids("image", codes)
+        assert len(ids) == rows * (cols * 2 + 1)
+        assert (ids[cols * 2 :: cols * 2 + 1] == m.row_end_id).all()
+        np.testing.assert_array_equal(layout.ids_to_codes("image", ids).codes, codes)
+        (segment,) = layout.split(layout.span_ids("image", codes)).segments
+        assert segment.complete and segment.codes.shape == (rows, cols, 2)
+    layout.save(tmp_path / "layout.json")
+    assert VocabLayout.load(tmp_path / "layout.json") == layout
+    assert layout.token_name(m.row_end_id) == "<|image_end_of_row|>"
+
+
+def test_row_end_refuses_ragged_rows_strictly_and_drops_them_leniently():
+    layout = _variable_resolution_layout()
+    eol = layout.modality("image").row_end_id
+    row = layout.codes_to_ids("image", np.zeros((1, 3, 2), dtype=np.int64)).tolist()
+    short = row[:2] + [eol]  # a row of one frame
+    with pytest.raises(LayoutError, match="rows of different widths"):
+        layout.ids_to_codes("image", row + short)
+    with pytest.raises(LayoutError, match="end-of-row"):
+        layout.ids_to_codes("image", row[:-1])
+    with pytest.raises(LayoutError, match="within 4x6"):
+        layout.codes_to_ids("image", np.zeros((5, 2, 2), dtype=np.int64))
+    result = layout.ids_to_codes("image", row + short + row + row[:3], strict=False)
+    assert result.codes.shape == (2, 3, 2) and result.dropped == 3 + 3
+
+
+@pytest.mark.parametrize("row_width", [None, 2])
+def test_row_end_masks_walk_to_a_valid_span(row_width):
+    layout = _variable_resolution_layout()
+    m = layout.modality("image")
+    end = layout.end_id("image")
+    rng = np.random.default_rng(1)
+    ids: list[int] = []
+    for step in range(m.max_length + 1):
+        allowed = layout.allowed_ids("image", step, row_width=row_width)
+        if end in allowed and len(ids) > 2 * (row_width or 6) * 2:  # stop after two rows
+            break
+        choices = allowed[allowed != end]
+        ids.append(int(rng.choice(choices)))
+    assert layout.ids_to_codes("image", ids).codes.shape == (2, row_width or 6, 2)
+    assert end not in layout.allowed_ids("image", 0, row_width=row_width)
+    with pytest.raises(LayoutError, match="row_width"):
+        layout.allowed_ids("image", 0, row_width=7)
+
+
+def test_row_end_needs_a_two_dimensional_grid():
+    with pytest.raises(LayoutError, match="row_end"):
+        VocabLayout.build(100, [ModalityRange("video", 16, grid=(2, 2, 2), row_end=True)])
+    assert parse_modality("image=64:grid=16x16:row_end=1").row_end
