@@ -4,7 +4,11 @@
     mmllm vocab build        build vocab_layout.json from a text tokenizer and modality ranges
     mmllm vocab show         print a layout's ranges
     mmllm convert            import a HF Llama/Qwen2/Mistral/Qwen3 dir, or export to one
+    mmllm toyworld           write the toy world: task JSONL plus media files
+    mmllm tokenizer train    train or fit a modality tokenizer from a YAML config
+    mmllm tokenizer evaluate score a tokenizer's round trip (quality, usage, oracle agreement)
     mmllm bench model        our backbone against transformers' Llama, forward + backward
+    mmllm bench tokenizers   train, score and time the toy tokenizers
     mmllm demo               the end-to-end pipeline on the embedded toy world
 
 Handlers parse arguments and call into the library. A user error (`MMLLMError`) prints one
@@ -94,6 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep)")
     convert.set_defaults(handler=cmd_convert)
 
+    toyworld = commands.add_parser("toyworld", help="write the toy world (task JSONL + media)")
+    toyworld.add_argument("--out", required=True, help="output dir")
+    toyworld.add_argument("--n", type=int, default=500, help="items per task")
+    toyworld.add_argument("--seed", type=int, default=0)
+    toyworld.add_argument("--tasks", help="comma-separated task ids (default: all)")
+    toyworld.add_argument("--split", default="train", help="split name; each split draws from its own seed")
+    toyworld.set_defaults(handler=cmd_toyworld)
+
+    tokenizer = commands.add_parser("tokenizer", help="train and evaluate modality tokenizers")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
+    tok_train = tokenizer_commands.add_parser("train", help="train or fit a tokenizer from a config")
+    tok_train.add_argument("--config", required=True, help="configs/tokenizer/*.yaml")
+    tok_train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. out=runs/img")
+    tok_train.set_defaults(handler=cmd_tokenizer_train)
+    tok_eval = tokenizer_commands.add_parser("evaluate", help="score a tokenizer's round trip")
+    tok_eval.add_argument("--tokenizer", required=True, help="a saved tokenizer dir")
+    tok_eval.add_argument("--data", default="toyworld", help="'toyworld' (held-out items) or a folder of media")
+    tok_eval.add_argument("--n", type=int, default=500, help="items to score")
+    tok_eval.add_argument("--batch-size", type=int, default=32)
+    tok_eval.add_argument("--out", help="also write the report as JSON")
+    tok_eval.set_defaults(handler=cmd_tokenizer_evaluate)
+
     bench = commands.add_parser("bench", help="benchmarks against named baselines")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_model = bench_commands.add_parser("model", help="backbone vs transformers' Llama, forward+backward on CPU")
@@ -105,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_model.add_argument("--warmup", type=int, default=1)
     bench_model.add_argument("--out", help="also write the result as JSON")
     bench_model.set_defaults(handler=cmd_bench_model)
+    bench_tok = bench_commands.add_parser("tokenizers", help="train, score and time the toy tokenizers on CPU")
+    bench_tok.add_argument("--only", help="comma-separated: image,video,speech,image-1d,action-bins,...")
+    bench_tok.add_argument(
+        "--trained", help="reuse tokenizers saved by an earlier run (DIR/<name>) instead of training"
+    )
+    bench_tok.add_argument("--save", help="save the trained tokenizers under DIR/<name>")
+    bench_tok.add_argument("--n", type=int, default=500, help="held-out items per tokenizer")
+    bench_tok.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats of encode/decode")
+    bench_tok.add_argument("--out", help="also write the rows as JSON")
+    bench_tok.set_defaults(handler=cmd_bench_tokenizers)
 
     demo = commands.add_parser("demo", help="run the end-to-end pipeline on the toy world")
     demo.add_argument("--out", default="demo_out", help="output dir (report.md, model/)")
@@ -214,6 +250,72 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     print(format_model_bench(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_toyworld(args: argparse.Namespace) -> None:
+    from mmllm.data.toyworld import write_toyworld
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    counts = write_toyworld(Path(args.out), args.n, args.seed, tasks=tasks, split=args.split)
+    print(f"toy world ({sum(counts.values())} records, split {args.split}) -> {args.out}")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from mmllm.tokenizers.training import load_train_config, train_tokenizer
+
+    config = load_train_config(args.config, args.overrides)
+    if not config.out:
+        raise MMLLMError(f"{args.config}: no 'out' dir; add out=DIR")
+    result = train_tokenizer(config)
+    print(
+        f"{config.tokenizer}: {result.steps} steps on {result.items} items in {result.seconds:.0f} s"
+        + (f" ({len(result.skipped)} files skipped, see skipped.txt)" if result.skipped else "")
+        + f" -> {config.out}"
+    )
+
+
+def cmd_tokenizer_evaluate(args: argparse.Namespace) -> None:
+    from mmllm.tokenizers.base import load_tokenizer
+    from mmllm.tokenizers.evaluation import evaluate_tokenizer, held_out_items
+    from mmllm.tokenizers.training import DataConfig, load_items
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    source_rate = None
+    if args.data == "toyworld":
+        items = held_out_items(tokenizer.modality, args.n)
+        if tokenizer.modality == "audio":
+            from mmllm.data.toyworld import SPEECH_SAMPLE_RATE
+
+            source_rate = SPEECH_SAMPLE_RATE
+    else:
+        items, skipped = load_items(tokenizer, DataConfig(source=args.data, num_items=args.n))
+        for line in skipped:
+            logger.warning("skipped %s", line)
+        source_rate = getattr(tokenizer, "sample_rate", None)
+    report = evaluate_tokenizer(tokenizer, items, batch_size=args.batch_size, source_rate=source_rate)
+    result = report.to_dict()
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_bench_tokenizers(args: argparse.Namespace) -> None:
+    from mmllm.bench.tokenizers import TARGETS, bench_tokenizers, format_tokenizer_bench
+
+    names = args.only.split(",") if args.only else None
+    unknown = [n for n in names or [] if n not in TARGETS]
+    if unknown:
+        raise MMLLMError(f"unknown tokenizer benchmark '{unknown[0]}' (choose from {', '.join(TARGETS)})")
+    rows = bench_tokenizers(
+        names,
+        trained=Path(args.trained) if args.trained else None,
+        out=Path(args.save) if args.save else None,
+        n=args.n,
+        repeats=args.repeats,
+    )
+    print(format_tokenizer_bench(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ from mmllm.model.backbone import CausalLM, rope_frequencies
 from mmllm.model.config import ModelConfig
 from mmllm.model.weights import atomic_directory, load_weights, save_weights
 from mmllm.text_tokenizer import check_text_tokenizer, has_tokenizer_files, load_text_tokenizer
+from mmllm.tokenizers.base import ModalityTokenizer, load_tokenizer
 from mmllm.vocab import VocabLayout
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 LAYOUT_FILE = "vocab_layout.json"
 TEXT_TOKENIZER_DIR = "text_tokenizer"
+MODALITY_TOKENIZERS_DIR = "tokenizers"
 NATIVE_FORMAT = "mmllm.model"
 # New vocabulary rows start at the mean of the old rows plus Gaussian noise with this fraction
 # of the old rows' per-dimension std: near the mean, so no new token starts out dominating the
@@ -45,13 +47,18 @@ NEW_ROW_NOISE = 0.01
 
 
 class MMLLM(CausalLM):
-    """The causal LM with its vocabulary layout and tokenizers."""
+    """The causal LM with its vocabulary layout and tokenizers.
+
+    `modality_tokenizers` maps a layout modality name to its ModalityTokenizer; each must fit
+    its range. They are kept outside the module tree, so the LM's state dict holds LM weights only.
+    """
 
     def __init__(
         self,
         config: ModelConfig,
         layout: VocabLayout | None = None,
         text_tokenizer: Any = None,
+        modality_tokenizers: dict[str, ModalityTokenizer] | None = None,
     ) -> None:
         super().__init__(config)
         if layout is not None and layout.padded_size != config.vocab_size:
@@ -60,15 +67,31 @@ class MMLLM(CausalLM):
             )
         self.layout = layout
         self.text_tokenizer = text_tokenizer
+        self.modality_tokenizers: dict[str, ModalityTokenizer] = {}
+        for name, tokenizer in (modality_tokenizers or {}).items():
+            self.set_modality_tokenizer(name, tokenizer)
+
+    def set_modality_tokenizer(self, name: str, tokenizer: ModalityTokenizer) -> None:
+        """Attach the tokenizer of the layout's modality `name`, checking that its codes fit."""
+        if self.layout is None:
+            raise CheckpointError("a model without a vocab layout cannot take modality tokenizers")
+        tokenizer.check_fits(self.layout.modality(name), f"modality tokenizer '{name}'")
+        self.modality_tokenizers[name] = tokenizer
 
     @classmethod
-    def from_config(cls, config: ModelConfig, layout: VocabLayout | None = None, text_tokenizer: Any = None) -> MMLLM:
+    def from_config(
+        cls,
+        config: ModelConfig,
+        layout: VocabLayout | None = None,
+        text_tokenizer: Any = None,
+        modality_tokenizers: dict[str, ModalityTokenizer] | None = None,
+    ) -> MMLLM:
         """A randomly initialised model; its vocab size comes from the layout when given."""
         if layout is not None:
             config = dataclasses.replace(config, vocab_size=layout.padded_size)
         if layout is not None and text_tokenizer is not None:
             check_text_tokenizer(layout, text_tokenizer, "model")
-        return cls(config, layout, text_tokenizer)
+        return cls(config, layout, text_tokenizer, modality_tokenizers)
 
     # ------------------------------------------------------------------ loading
 
@@ -114,6 +137,8 @@ class MMLLM(CausalLM):
         with torch.device("meta"):
             model = cls(config, layout, text_tokenizer)
         model._load_state(state, str(path))
+        for name, tokenizer_dir in sorted(_modality_tokenizer_dirs(path).items()):
+            model.set_modality_tokenizer(name, load_tokenizer(tokenizer_dir))
         return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
     def _load_state(self, state: dict[str, torch.Tensor], where: str) -> None:
@@ -151,6 +176,11 @@ class MMLLM(CausalLM):
                 self.layout.save(tmp / LAYOUT_FILE)
             if self.text_tokenizer is not None:
                 self.text_tokenizer.save_pretrained(str(tmp / TEXT_TOKENIZER_DIR))
+            self._save_modality_tokenizers(tmp)
+
+    def _save_modality_tokenizers(self, directory: Path) -> None:
+        for name, tokenizer in self.modality_tokenizers.items():
+            tokenizer.save_pretrained(directory / MODALITY_TOKENIZERS_DIR / name)
 
     def _weights_to_save(self) -> dict[str, torch.Tensor]:
         state = dict(self.state_dict())
@@ -180,6 +210,7 @@ class MMLLM(CausalLM):
                 self.layout.save(tmp / LAYOUT_FILE)
                 if self.text_tokenizer is not None:
                     self.text_tokenizer.save_pretrained(str(tmp / TEXT_TOKENIZER_DIR))
+                self._save_modality_tokenizers(tmp)
 
     # ------------------------------------------------------------------ vocabulary
 
@@ -225,6 +256,12 @@ def _new_rows(old: torch.Tensor, count: int, generator: torch.Generator) -> torc
     std = old.float().std(dim=0) if old.shape[0] > 1 else torch.ones_like(mean)
     noise = torch.randn(count, old.shape[1], generator=generator) * std * NEW_ROW_NOISE
     return (mean + noise).to(old.dtype)
+
+
+def _modality_tokenizer_dirs(path: Path) -> dict[str, Path]:
+    """`tokenizers/NAME/` dirs of a checkpoint, by modality name."""
+    root = path / MODALITY_TOKENIZERS_DIR
+    return {d.name: d for d in root.iterdir() if d.is_dir()} if root.is_dir() else {}
 
 
 def _find_text_tokenizer(path: Path, layout: VocabLayout | None) -> Any:

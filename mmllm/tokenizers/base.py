@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmllm.config import read_json_object
-from mmllm.errors import CheckpointError, MediaError
+from mmllm.errors import CheckpointError, LayoutError, MediaError
 from mmllm.vocab import ModalityRange
 
 FORMAT_NAME = "mmllm.modality_tokenizer"
@@ -136,6 +136,25 @@ class ModalityTokenizer(nn.Module):
             flattening=flattening,
             **options,
         )
+
+    def check_fits(self, m: ModalityRange, where: str = "model") -> None:
+        """Raise a one-line LayoutError unless this tokenizer's codes fit layout range `m`.
+
+        A ragged range may allow more frames than the tokenizer makes, never fewer.
+        """
+        mine = self.modality_range(m.name)
+        mismatches = [
+            (key, getattr(mine, key), getattr(m, key))
+            for key in ("codebook_size", "levels", "grid", "row_end")
+            if getattr(mine, key) != getattr(m, key)
+        ]
+        if m.grid is None and mine.max_frames is not None and mine.max_frames > m.max_frames:
+            mismatches.append(("max_frames", mine.max_frames, m.max_frames))
+        if mismatches:
+            key, ours, theirs = mismatches[0]
+            raise LayoutError(
+                f"{where}: tokenizer '{self.name}' makes {key} {ours} but the layout's '{m.name}' range has {theirs}"
+            )
 
     def get_config(self) -> dict[str, Any]:
         """The constructor keywords that rebuild this tokenizer (JSON-serialisable)."""
