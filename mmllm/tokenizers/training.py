@@ -203,8 +203,8 @@ def _gradient_training(
                     disc_optimizer.zero_grad(set_to_none=True)
                     disc_loss.backward()
                     disc_optimizer.step()
-                    logs["disc_loss"] = float(disc_loss)
-            logs = {"loss": float(loss), **logs}
+                    logs["disc_loss"] = disc_loss.item()
+            logs = {"loss": loss.item(), **logs}
             if step % optim.log_every == 0 or step == optim.steps - 1:
                 progress.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
                 if log_file is not None:
