@@ -253,11 +253,12 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
 
 
 def cmd_toyworld(args: argparse.Namespace) -> None:
-    from mmllm.data.toyworld import write_toyworld
+    from mmllm.data.toy_tasks import write_toyworld
 
     tasks = args.tasks.split(",") if args.tasks else None
-    counts = write_toyworld(Path(args.out), args.n, args.seed, tasks=tasks, split=args.split)
-    print(f"toy world ({sum(counts.values())} records, split {args.split}) -> {args.out}")
+    summary = write_toyworld(Path(args.out), args.n, args.seed, tasks=tasks, split=args.split)
+    media = ", ".join(f"{count} {kind}" for kind, count in summary["media"].items()) or "no media"
+    print(f"toy world: {summary['records']} records ({media}) -> {summary['path']}")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -280,19 +281,13 @@ def cmd_tokenizer_evaluate(args: argparse.Namespace) -> None:
     from mmllm.tokenizers.training import DataConfig, load_items
 
     tokenizer = load_tokenizer(args.tokenizer)
-    source_rate = None
     if args.data == "toyworld":
         items = held_out_items(tokenizer.modality, args.n)
-        if tokenizer.modality == "audio":
-            from mmllm.data.toyworld import SPEECH_SAMPLE_RATE
-
-            source_rate = SPEECH_SAMPLE_RATE
     else:
         items, skipped = load_items(tokenizer, DataConfig(source=args.data, num_items=args.n))
         for line in skipped:
             logger.warning("skipped %s", line)
-        source_rate = getattr(tokenizer, "sample_rate", None)
-    report = evaluate_tokenizer(tokenizer, items, batch_size=args.batch_size, source_rate=source_rate)
+    report = evaluate_tokenizer(tokenizer, items, batch_size=args.batch_size)
     result = report.to_dict()
     print(json.dumps(result, indent=2))
     if args.out:

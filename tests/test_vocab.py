@@ -307,7 +307,7 @@ def test_row_end_refuses_ragged_rows_strictly_and_drops_them_leniently():
     layout = _variable_resolution_layout()
     eol = layout.modality("image").row_end_id
     row = layout.codes_to_ids("image", np.zeros((1, 3, 2), dtype=np.int64)).tolist()
-    short = row[:2] + [eol]  # a row of one frame
+    short = [*row[:2], eol]  # a row of one frame
     with pytest.raises(LayoutError, match="rows of different widths"):
         layout.ids_to_codes("image", row + short)
     with pytest.raises(LayoutError, match="end-of-row"):

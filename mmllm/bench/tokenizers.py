@@ -68,19 +68,12 @@ def bench_tokenizers(
             result = train_tokenizer(config, show_progress=False)
             tokenizer, train_seconds = result.tokenizer, result.seconds
         items = held_out_items(tokenizer.modality, n)
-        source_rate = _toy_rate() if tokenizer.modality == "audio" else None
-        report = evaluate_tokenizer(tokenizer, items, source_rate=source_rate, show_progress=False)
+        report = evaluate_tokenizer(tokenizer, items, show_progress=False)
         row = {"name": name, **report.to_dict(), "train_seconds": train_seconds}
         row.update(_throughput(tokenizer, items[:batch], repeats))
         row["meets_target"] = _meets(target, row)
         rows.append(row)
     return rows
-
-
-def _toy_rate() -> int:
-    from mmllm.data.toyworld import SPEECH_SAMPLE_RATE
-
-    return SPEECH_SAMPLE_RATE
 
 
 def _throughput(tokenizer, items: list[np.ndarray], repeats: int) -> dict[str, float]:
@@ -102,9 +95,9 @@ def _media_units(tokenizer, prepared: list[np.ndarray]) -> tuple[float, str]:
     if tokenizer.modality == "audio":
         return sum(len(wave) for wave in prepared) / tokenizer.sample_rate, "audio-s"
     if tokenizer.modality == "video":
-        from mmllm.data.toyworld import VIDEO_FPS
+        from mmllm.data.media import MP4_FPS
 
-        return sum(len(video) for video in prepared) / VIDEO_FPS, "video-s"
+        return sum(len(video) for video in prepared) / MP4_FPS, "video-s"
     return len(prepared), {"image": "images", "action": "chunks"}[tokenizer.modality]
 
 

@@ -54,7 +54,7 @@ from transformers import (
 from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
 
 from mmllm.config import read_json_object
-from mmllm.data.media import DEFAULT_AUDIO_RATE, resample_audio, resize_image
+from mmllm.data.media import resample_audio, resize_image
 from mmllm.errors import CheckpointError, ConfigError, MediaError
 from mmllm.tokenizers.base import EncodedBatch, ModalityTokenizer, check_media_shape, register_tokenizer
 
@@ -322,7 +322,6 @@ class UpstreamAudioAdapter(UpstreamAdapter):
         model_dir: str | Path | None,
         hf_config: dict[str, Any] | None,
         max_frames: int | None,
-        input_rate: int,
     ) -> None:
         super().__init__(model_dir, hf_config)
         config = self.model.config
@@ -333,9 +332,8 @@ class UpstreamAudioAdapter(UpstreamAdapter):
         self.frame_rate = self.sample_rate / self.samples_per_frame
         default_frames = math.ceil(DEFAULT_MAX_SECONDS * self.frame_rate)
         self.max_frames = int(max_frames if max_frames is not None else default_frames)
-        self.input_rate = int(input_rate)
-        if self.max_frames <= 0 or self.input_rate <= 0:
-            raise ConfigError(f"{self.name}: max_frames and input_rate must be positive")
+        if self.max_frames <= 0:
+            raise ConfigError(f"{self.name}: max_frames must be positive")
         self.codebook_size = int(config.codebook_size)
         self.grid = None
 
@@ -344,13 +342,13 @@ class UpstreamAudioAdapter(UpstreamAdapter):
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
-        return {**self.base_config(), "max_frames": self.max_frames, "input_rate": self.input_rate}
+        return {**self.base_config(), "max_frames": self.max_frames}
 
     def prepare(self, item: Any, where: str = "input") -> np.ndarray:
         """Mono float32 at the codec's rate, at most `max_frames` frames long.
 
-        `item` is samples at `input_rate` (16 kHz by default) or a `(samples, sample_rate)` pair."""
-        rate = self.input_rate
+        `item` is samples at the codec's `sample_rate`, or a `(samples, sample_rate)` pair."""
+        rate = self.sample_rate
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int | np.integer):
             item, rate = item
         wave = np.asarray(item)
@@ -403,9 +401,8 @@ class EncodecAdapter(UpstreamAudioAdapter):
         hf_config: dict[str, Any] | None = None,
         bandwidth: float | None = None,
         max_frames: int | None = None,
-        input_rate: int = DEFAULT_AUDIO_RATE,
     ) -> None:
-        super().__init__(model_dir, hf_config, max_frames, input_rate)
+        super().__init__(model_dir, hf_config, max_frames)
         config = self.model.config
         if config.normalize or config.chunk_length_s is not None:
             raise CheckpointError(f"{self.name}: chunked or loudness-normalised EnCodec needs per-chunk scales")
@@ -436,9 +433,8 @@ class QuantizerCountAdapter(UpstreamAudioAdapter):
         hf_config: dict[str, Any] | None = None,
         num_quantizers: int | None = None,
         max_frames: int | None = None,
-        input_rate: int = DEFAULT_AUDIO_RATE,
     ) -> None:
-        super().__init__(model_dir, hf_config, max_frames, input_rate)
+        super().__init__(model_dir, hf_config, max_frames)
         most = self.total_quantizers()
         self.levels = int(num_quantizers if num_quantizers is not None else most)
         if not self.lowest_quantizers() <= self.levels <= most:

@@ -14,7 +14,8 @@ order the VocabLayout streams them (row-major over the grid), so `EncodedBatch.i
 Media conventions (numpy, channels last):
 
     image   uint8 (H, W, 3)
-    audio   float32 (samples,), mono, at the tokenizer's `sample_rate`
+    audio   float32 (samples,), mono, at the tokenizer's `sample_rate`; or a (samples, rate)
+            pair, which `prepare` resamples
     video   uint8 (T, H, W, 3)
     action  float32 (steps, dims), normalised to [-1, 1]
 

@@ -176,13 +176,10 @@ def evaluate_tokenizer(
     tokenizer: ModalityTokenizer,
     items: Sequence[np.ndarray],
     batch_size: int = 32,
-    source_rate: int | None = None,
     show_progress: bool = True,
 ) -> TokenizerReport:
-    """Round-trip `items` (raw media) through `tokenizer` and score the reconstructions.
-
-    `source_rate` is the sample rate of raw audio items (the oracle reads originals at it).
-    """
+    """Round-trip `items` (raw media; audio may be (samples, rate) pairs) through `tokenizer`
+    and score the reconstructions."""
     modality = tokenizer.modality
     read = _oracle_reader(modality)
     rate = getattr(tokenizer, "sample_rate", None)
@@ -208,6 +205,7 @@ def evaluate_tokenizer(
         for original, source, reconstruction in zip(prepared, raw, decoded.media, strict=True):
             for key, value in _reconstruction_metrics(modality, original, reconstruction, rate).items():
                 sums[key] = sums.get(key, 0.0) + value
+            source, source_rate = source if isinstance(source, tuple) else (source, rate)
             reading = read(source, source_rate)
             if reading is not None:
                 readable += 1
@@ -238,8 +236,8 @@ def _reconstruction_metrics(
     return {"mse": float(np.mean((original[:n] - reconstruction[:n]) ** 2))}
 
 
-def held_out_items(modality: str, n: int) -> list[np.ndarray]:
+def held_out_items(modality: str, n: int) -> list:
     """`n` toy-world items that no toy training run sees."""
-    from mmllm.data.toyworld import toy_media
+    from mmllm.tokenizers.training import toy_items
 
-    return toy_media(modality, n, HELD_OUT_SEED)
+    return toy_items(modality, n, HELD_OUT_SEED)

@@ -35,13 +35,6 @@ from mmllm.tokenizers.base import ModalityTokenizer, load_tokenizer
 
 logger = logging.getLogger("mmllm")
 
-MEDIA_SUFFIXES = {
-    "image": (".png", ".jpg", ".jpeg", ".bmp", ".webp"),
-    "audio": (".wav", ".flac", ".ogg"),
-    "video": (".npy", ".gif", ".mp4", ".webm", ".mkv", ".avi", ".mov"),
-    "action": (".json", ".npy"),
-}
-
 
 @dataclass
 class DataConfig:
@@ -93,11 +86,17 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
 def load_items(tokenizer: ModalityTokenizer, data: DataConfig) -> tuple[list[np.ndarray], list[str]]:
     """Prepared training items, and a line per skipped file."""
     if data.source == "toyworld":
-        from mmllm.data.toyworld import toy_media
-
-        raw = toy_media(tokenizer.modality, data.num_items, data.seed)
+        raw = toy_items(tokenizer.modality, data.num_items, data.seed)
         return [tokenizer.prepare(item, f"toy item {i}") for i, item in enumerate(raw)], []
     return read_folder(tokenizer, Path(data.source), data.num_items)
+
+
+def toy_items(modality: str, n: int, seed: int) -> list:
+    """Toy-world media in the tokenizer conventions: audio as (samples, rate) pairs."""
+    from mmllm.data.toyworld import SPEECH_SAMPLE_RATE, toy_media
+
+    items = toy_media(modality, n, seed)
+    return [(wave, SPEECH_SAMPLE_RATE) for wave in items] if modality == "audio" else items
 
 
 def read_folder(tokenizer: ModalityTokenizer, folder: Path, limit: int) -> tuple[list[np.ndarray], list[str]]:
@@ -105,14 +104,18 @@ def read_folder(tokenizer: ModalityTokenizer, folder: Path, limit: int) -> tuple
 
     if not folder.is_dir():
         raise ConfigError(f"data.source {folder}: not 'toyworld' and not a folder")
-    suffixes = MEDIA_SUFFIXES[tokenizer.modality]
+    suffixes = media.MEDIA_SUFFIXES[tokenizer.modality]
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes)[:limit]
     if not paths:
         raise ConfigError(f"{folder}: no {tokenizer.modality} files ({', '.join(suffixes)})")
     items, skipped = [], []
     for path in tqdm(paths, desc=f"reading {folder.name}", unit="file", leave=False):
         try:
-            items.append(tokenizer.prepare(media.read_media(tokenizer.modality, path), str(path)))
+            if tokenizer.modality == "audio":
+                raw = media.read_audio(path)  # (samples, rate): the tokenizer resamples
+            else:
+                raw = media.read_media(tokenizer.modality, path)
+            items.append(tokenizer.prepare(raw, str(path)))
         except MMLLMError as err:
             skipped.append(str(err))
     if not items:

@@ -1,0 +1,438 @@
+"""Reading and writing media files in the conventions every modality tokenizer takes, and the
+interleaved JSONL records that refer to them (docs/data_format.md).
+
+    image   uint8 (H, W, 3)        PNG, JPEG, ... via Pillow
+    audio   float32 (samples,)     WAV, FLAC, OGG via soundfile, mono, with its sample rate
+    video   uint8 (T, H, W, 3)     .npy (lossless, the toy world's format), .gif via Pillow,
+                                   .mp4 / .webm / .mov / .mkv via PyAV
+    action  float32 (steps, dims)  .json (a list of steps, each a list of numbers) or .npy
+
+Conversions are part of the convention, not errors: grayscale, palette and 16-bit images become
+RGB; an alpha channel is composited onto black (the toy world's background), so a transparent
+pixel reads as background; multi-channel audio is averaged to mono; audio is resampled with
+`scipy.signal.resample_poly` when a rate is asked for. Anything that cannot be read, is
+truncated, or has the wrong shape or dtype raises `MediaError("<path>: <problem>")`, one line,
+so a batch job can log it and go on.
+
+`read_jsonl` validates each record of an interleaved JSONL file as it reads it, and names the
+file and line of the first problem; `load_part` turns a record's media part into an array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import soundfile
+from PIL import Image, ImageSequence, UnidentifiedImageError
+from scipy.signal import resample_poly
+
+from mmllm.errors import InputError, MediaError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+VIDEO_SUFFIXES = (".npy", ".gif", ".mp4", ".webm", ".mov", ".mkv")
+ACTION_SUFFIXES = (".json", ".npy")
+MEDIA_SUFFIXES = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES, "video": VIDEO_SUFFIXES, "action": ACTION_SUFFIXES}
+DEFAULT_AUDIO_RATE = 16000  # what `read_media("audio", ...)` returns: the toy speech rate
+GIF_FRAME_MS = 100  # GIF frame duration: 10 frames/s, slow enough to follow a toy motion by eye
+MP4_FPS = 10  # frame rate written into MP4/WebM files
+MP4_CRF = 10  # x264 constant-rate factor: near-lossless for flat toy frames (0 is lossless, 23 the default)
+PIL_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def _fail(path: str | Path, problem: str) -> MediaError:
+    return MediaError(f"{path}: {problem.splitlines()[0] if problem else 'unreadable'}")
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise _fail(path, "no such file")
+
+
+def check_frames(array: np.ndarray, where: str | Path, ndim: int) -> np.ndarray:
+    """`array` as uint8 with `ndim` dims and 3 channels last ((H, W, 3) or (T, H, W, 3)), else MediaError."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise _fail(where, f"expected uint8 pixels, got {array.dtype}")
+    if array.ndim != ndim or array.shape[-1] != 3 or 0 in array.shape:
+        layout = "(H, W, 3)" if ndim == 3 else "(T, H, W, 3)"
+        raise _fail(where, f"expected {layout} RGB, got shape {array.shape}")
+    return array
+
+
+# ---------------------------------------------------------------- images
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """A Pillow image as uint8 (H, W, 3): alpha composited onto black, other modes converted."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)
+        return (rgba[..., :3] * rgba[..., 3:] // 255).astype(np.uint8)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: keep the top 8 bits
+        wide = np.asarray(image, dtype=np.int64)
+        gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 (H, W, 3) from any format Pillow reads."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except PIL_ERRORS as err:
+        raise _fail(path, f"not a readable image ({err})") from err
+
+
+def write_image(path: str | Path, array: np.ndarray) -> None:
+    """Save uint8 (H, W, 3) in the format the suffix names (PNG is lossless)."""
+    array = check_frames(array, path, ndim=3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def resize_image(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (h, w, 3) resampled to `size` = (h, w): bicubic, or a no-op when the size already fits."""
+    array = check_frames(array, "image", ndim=3)
+    height, width = size
+    if array.shape[:2] == (height, width):
+        return array
+    return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- audio
+
+
+def _check_wav_length(path: Path) -> None:
+    """A WAV whose data chunk claims more bytes than the file holds is truncated (libsndfile would
+    silently read the part that is there)."""
+    with path.open("rb") as f:
+        header = f.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return  # not RIFF/WAVE: leave it to libsndfile to accept or reject
+        file_size = path.stat().st_size
+        offset = 12
+        while offset + 8 <= file_size:
+            f.seek(offset)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"data":
+                if offset + 8 + chunk_size > file_size and chunk_size != 0xFFFFFFFF:  # 0xFFFFFFFF: streamed, unknown
+                    raise _fail(path, f"truncated WAV: data chunk holds {file_size - offset - 8} of {chunk_size} bytes")
+                return
+            offset += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to even sizes
+        raise _fail(path, "truncated WAV: no data chunk")
+
+
+def read_audio(path: str | Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """float32 mono samples and their rate; channels are averaged, and resampled when `sample_rate` is given."""
+    path = Path(path)
+    _require_file(path)
+    if path.suffix.lower() == ".wav":
+        _check_wav_length(path)
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise _fail(path, f"not a readable audio file ({err})") from err
+    if data.shape[0] == 0:
+        raise _fail(path, "no audio samples")
+    wave = data.mean(axis=1, dtype=np.float32)
+    if not np.isfinite(wave).all():
+        raise _fail(path, "audio holds NaN or infinite samples")
+    if sample_rate is not None and sample_rate != rate:
+        wave, rate = resample_audio(wave, rate, sample_rate), sample_rate
+    return wave, int(rate)
+
+
+def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int) -> None:
+    """Save mono float samples in [-1, 1] as 16-bit PCM (WAV) or FLAC, by the suffix."""
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 1 or wave.size == 0:
+        raise _fail(path, f"expected mono samples (n,), got shape {wave.shape}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    subtype = "PCM_16" if Path(path).suffix.lower() in (".wav", ".flac") else None
+    soundfile.write(path, np.clip(wave, -1.0, 1.0), sample_rate, subtype=subtype)
+
+
+def resample_audio(wave: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """float32 samples at `to_rate`, by polyphase filtering with the smallest up/down ratio."""
+    wave = np.asarray(wave, dtype=np.float32)
+    if from_rate <= 0 or to_rate <= 0:
+        raise MediaError(f"resample {from_rate} Hz -> {to_rate} Hz: rates must be positive")
+    if from_rate == to_rate:
+        return wave
+    common = math.gcd(int(from_rate), int(to_rate))
+    return resample_poly(wave, int(to_rate) // common, int(from_rate) // common).astype(np.float32)
+
+
+# ---------------------------------------------------------------- video
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise _fail(path, f"not a readable .npy array ({err})") from err
+
+
+def _read_gif(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            frames = [to_rgb(frame.copy()) for frame in ImageSequence.Iterator(image)]
+    except PIL_ERRORS as err:
+        raise _fail(path, f"not a readable GIF ({err})") from err
+    return np.stack(frames)
+
+
+def _read_av(path: Path) -> np.ndarray:
+    import av  # PyAV loads FFmpeg's libraries: import it only when a container file is read
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise _fail(path, "no video stream")
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except av.FFmpegError as err:
+        raise _fail(path, f"not a readable video ({err})") from err
+    if not frames:
+        raise _fail(path, "no decodable video frames (truncated?)")
+    if len({frame.shape for frame in frames}) > 1:
+        raise _fail(path, "frames of different sizes")
+    return np.stack(frames)
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """uint8 (T, H, W, 3) from .npy (validated, no pickle), .gif, or an FFmpeg container (.mp4, .webm, ...)."""
+    path = Path(path)
+    _require_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        frames = _read_npy(path)
+    elif suffix == ".gif":
+        frames = _read_gif(path)
+    elif suffix in VIDEO_SUFFIXES:
+        frames = _read_av(path)
+    else:
+        raise _fail(path, f"unknown video format {suffix!r} ({', '.join(VIDEO_SUFFIXES)})")
+    return check_frames(frames, path, ndim=4)
+
+
+def write_video(path: str | Path, frames: np.ndarray) -> None:
+    """Save uint8 (T, H, W, 3) as .npy (lossless), .gif (palette) or .mp4 / .webm (lossy, via PyAV)."""
+    frames = check_frames(frames, path, ndim=4)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        np.save(path, frames, allow_pickle=False)
+    elif suffix == ".gif":
+        images = [Image.fromarray(frame) for frame in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
+    elif suffix in (".mp4", ".webm", ".mov", ".mkv"):
+        _write_av(path, frames)
+    else:
+        raise _fail(path, f"cannot write video as {suffix!r} (.npy, .gif, .mp4, .webm)")
+
+
+def _write_av(path: Path, frames: np.ndarray) -> None:
+    import av
+
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise _fail(path, f"{frames.shape[2]}x{frames.shape[1]}: MP4/WebM (yuv420p) needs even width and height")
+    if path.suffix.lower() == ".webm":
+        codec, options = "libvpx-vp9", {"crf": str(MP4_CRF), "b": "0"}  # b=0: constant quality, as x264's crf
+    else:
+        codec, options = "libx264", {"crf": str(MP4_CRF)}
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=MP4_FPS, options=options)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+# ---------------------------------------------------------------- actions
+
+
+def read_action(path: str | Path) -> np.ndarray:
+    """float32 (steps, dims) from .json (list of steps) or .npy; values are returned as stored."""
+    path = Path(path)
+    _require_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        raw = _read_npy(path)
+    elif suffix == ".json":
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _fail(path, f"not readable JSON ({err})") from err
+    else:
+        raise _fail(path, f"unknown action format {suffix!r} (.json, .npy)")
+    return check_actions(raw, path)
+
+
+def check_actions(raw: object, where: str | Path) -> np.ndarray:
+    """`raw` as float32 (steps, dims) of finite numbers, else MediaError."""
+    try:
+        actions = np.asarray(raw, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise _fail(where, f"actions must be a (steps, dims) array of numbers ({err})") from err
+    if actions.ndim != 2 or 0 in actions.shape:
+        raise _fail(where, f"expected actions (steps, dims), got shape {actions.shape}")
+    if not np.isfinite(actions).all():
+        raise _fail(where, "actions hold NaN or infinite values")
+    return actions
+
+
+def write_action(path: str | Path, actions: np.ndarray) -> None:
+    """Save (steps, dims) actions as .json (nested lists) or .npy."""
+    actions = check_actions(actions, path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(actions.tolist()) + "\n", encoding="utf-8")
+    elif path.suffix.lower() == ".npy":
+        np.save(path, actions, allow_pickle=False)
+    else:
+        raise _fail(path, f"cannot write actions as {path.suffix!r} (.json, .npy)")
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def read_media(modality: str, path: str | Path, sample_rate: int = DEFAULT_AUDIO_RATE) -> np.ndarray:
+    """One medium in its modality's convention; audio is resampled to `sample_rate` (16 kHz by default)."""
+    if modality == "image":
+        return read_image(path)
+    if modality == "audio":
+        return read_audio(path, sample_rate)[0]
+    if modality == "video":
+        return read_video(path)
+    if modality == "action":
+        return read_action(path)
+    raise MediaError(f"{path}: unknown modality {modality!r} (image, audio, video, action)")
+
+
+def write_media(modality: str, path: str | Path, item: np.ndarray, sample_rate: int = DEFAULT_AUDIO_RATE) -> None:
+    """Save one medium by modality (audio at `sample_rate`)."""
+    writers = {"image": write_image, "video": write_video, "action": write_action}
+    if modality == "audio":
+        write_audio(path, item, sample_rate)
+    elif modality in writers:
+        writers[modality](path, item)
+    else:
+        raise MediaError(f"{path}: unknown modality {modality!r} (image, audio, video, action)")
+
+
+# ---------------------------------------------------------------- interleaved JSONL
+
+ROLES = ("system", "user", "assistant", "document")
+MEDIA_TYPES = ("image", "audio", "video", "action")
+SOURCES = ("path", "values", "codes")  # where a media part's content is: a file, inline actions, or tokenizer codes
+
+
+def read_jsonl(path: str | Path, check_media: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of an interleaved JSONL file, each validated; blank lines are skipped.
+
+    A malformed record raises `InputError("<file>:<line>: <problem>")`. With `check_media`, every
+    part's file must exist (paths are relative to the JSONL's folder).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{where}: not JSON ({err.msg} at column {err.colno})") from err
+            validate_record(record, where, path.parent if check_media else None)
+            if record["id"] in seen:
+                raise InputError(f"{where}: duplicate id {record['id']!r}")
+            seen.add(record["id"])
+            yield record
+
+
+def validate_record(record: Any, where: str, media_root: Path | None = None) -> None:
+    """Raise `InputError("<where>: ...")` unless `record` fits docs/data_format.md."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    for key in ("id", "task"):
+        if not isinstance(record.get(key), str) or not record[key]:
+            raise InputError(f"{where}: {key!r} must be a non-empty string")
+    if not isinstance(record.get("meta", {}), dict):
+        raise InputError(f"{where}: 'meta' must be an object")
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: 'messages' must be a non-empty list")
+    for i, message in enumerate(messages):
+        at = f"{where}: message {i}"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise InputError(f"{at}: needs a 'role' in {', '.join(ROLES)}")
+        if message["role"] == "document" and len(messages) != 1:
+            raise InputError(f"{at}: a 'document' message must be the record's only message")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not content:
+            raise InputError(f"{at}: 'content' must be a string or a non-empty list of parts")
+        for j, part in enumerate(content):
+            _validate_part(part, f"{at}, part {j}", media_root)
+
+
+def _validate_part(part: Any, at: str, media_root: Path | None) -> None:
+    if not isinstance(part, dict):
+        raise InputError(f"{at}: a part must be an object")
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise InputError(f"{at}: a text part needs a string 'text'")
+        return
+    if kind not in MEDIA_TYPES:
+        raise InputError(f"{at}: unknown part type {kind!r} (text, {', '.join(MEDIA_TYPES)})")
+    sources = [key for key in SOURCES if key in part]
+    if len(sources) != 1:
+        raise InputError(f"{at}: a {kind} part needs exactly one of {', '.join(SOURCES)}, got {sources or 'none'}")
+    if "values" in part:
+        if kind != "action":
+            raise InputError(f"{at}: inline 'values' are for action parts; a {kind} part needs a 'path'")
+        check_actions(part["values"], at)
+    elif "codes" in part:
+        try:
+            codes = np.asarray(part["codes"])
+        except ValueError as err:
+            raise InputError(f"{at}: 'codes' must be a rectangular array of integers") from err
+        if codes.size == 0 or codes.dtype.kind not in "iu":
+            raise InputError(f"{at}: 'codes' must be a non-empty array of integers")
+    else:
+        relative = part["path"]
+        if not isinstance(relative, str) or not relative:
+            raise InputError(f"{at}: 'path' must be a non-empty string")
+        pure = PurePosixPath(relative)
+        if pure.is_absolute() or ".." in pure.parts:
+            raise InputError(f"{at}: 'path' {relative!r} must stay inside the JSONL's folder (relative, no '..')")
+        if media_root is not None and not (media_root / relative).is_file():
+            raise InputError(f"{at}: media file {relative!r} does not exist")
+
+
+def load_part(part: dict[str, Any], root: str | Path, sample_rate: int = DEFAULT_AUDIO_RATE) -> np.ndarray:
+    """A validated media part as an array: its file read by modality (relative to `root`, the JSONL's
+    folder), its inline action values, or its codes (int64)."""
+    if "codes" in part:
+        return np.asarray(part["codes"], dtype=np.int64)
+    if "values" in part:
+        return check_actions(part["values"], "inline action part")
+    return read_media(part["type"], Path(root) / part["path"], sample_rate)
