@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,10 +287,19 @@ class ModalityTokenizer(nn.Module):
     # ------------------------------------------------------------ save / load
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write `tokenizer_config.json` and `model.safetensors` into `path`, atomically."""
-        from mmllm.model.weights import atomic_directory  # the model package imports torch models lazily
+        """Write `tokenizer_config.json`, `model.safetensors` and any extra files into `path`.
 
-        with atomic_directory(path) as tmp:
+        Files are written to a temp dir inside `path` and moved into place one by one, the
+        config last, so other files in `path` (a training run's logs and checkpoints) stay and a
+        crash never leaves a config without its weights.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path, prefix=".save-") as tmp_name:
+            tmp = Path(tmp_name)
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            self.save_extra(tmp)
             config = {
                 "format": FORMAT_NAME,
                 "version": FORMAT_VERSION,
@@ -296,9 +308,11 @@ class ModalityTokenizer(nn.Module):
                 "config": self.get_config(),
             }
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            self.save_extra(tmp)
+            for written in sorted(tmp.iterdir(), key=lambda f: f.name == CONFIG_FILE):
+                target = path / written.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(written, target)
 
     def save_extra(self, directory: Path) -> None:
         """Write files beyond config and tensors (FAST's BPE vocabulary); none by default."""
