@@ -11,7 +11,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from mmllm.data import media
+from mmllm.data import interleaved, media
 from mmllm.data.toyworld import Motion, Shape, render_image, render_video, sample_scene, speak
 from mmllm.errors import InputError, MediaError
 
@@ -229,12 +229,12 @@ def test_read_jsonl_yields_valid_records_and_loads_parts(tmp_path, image):
     document = {"id": "d1", "task": "doc", "messages": [{"role": "document", "content": "plain text"}]}
     coded = {**GOOD, "id": "r2", "messages": [{"role": "user", "content": [{"type": "image", "codes": [[1], [2]]}]}]}
     path = write_lines(tmp_path / "data.jsonl", [GOOD, document, coded])
-    records = list(media.read_jsonl(path, check_media=True))
+    records = list(interleaved.read_jsonl(path, check_media=True))
     assert [r["id"] for r in records] == ["r1", "d1", "r2"]
     parts = records[0]["messages"][0]["content"] + records[0]["messages"][1]["content"]
-    assert np.array_equal(media.load_part(parts[0], tmp_path), image)
-    assert media.load_part(parts[2], tmp_path).shape == (1, 2)
-    assert media.load_part(records[2]["messages"][0]["content"][0], tmp_path).dtype == np.int64
+    assert np.array_equal(interleaved.load_part(parts[0], tmp_path), image)
+    assert interleaved.load_part(parts[2], tmp_path).shape == (1, 2)
+    assert interleaved.load_part(records[2]["messages"][0]["content"][0], tmp_path).dtype == np.int64
 
 
 BAD = {
@@ -263,11 +263,11 @@ def test_read_jsonl_names_file_and_line_of_a_malformed_record(tmp_path, problem,
     good = {**GOOD, "messages": [{"role": "user", "content": [{"type": "image", "path": "present.png"}]}]}
     path = write_lines(tmp_path / "data.jsonl", [good, "", BAD[problem]])  # the bad record sits on line 3
     with pytest.raises(InputError, match=problem) as err:
-        list(media.read_jsonl(path, check_media=True))
+        list(interleaved.read_jsonl(path, check_media=True))
     assert str(err.value).startswith(f"{path}:3: ") and "\n" not in str(err.value)
 
 
 def test_read_jsonl_rejects_duplicate_ids(tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [GOOD, GOOD])
     with pytest.raises(InputError, match=r":2: duplicate id"):
-        list(media.read_jsonl(path))
+        list(interleaved.read_jsonl(path))

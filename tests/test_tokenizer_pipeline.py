@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmllm.cli import main
-from mmllm.data import media
+from mmllm.data import interleaved, media
 from mmllm.errors import CheckpointError, LayoutError
 from mmllm.tokenizers import load_tokenizer
 from mmllm.tokenizers.base import CONFIG_FILE, WEIGHTS_FILE
@@ -127,7 +127,7 @@ def test_checkpoint_carries_its_modality_tokenizers(tmp_path, tiny_config, text_
 def test_toyworld_command_writes_tasks_and_media(tmp_path, capsys):
     assert main(["toyworld", "--out", str(tmp_path), "--n", "2", "--tasks", "toy-caption,toy-speak"]) == 0
     assert "4 records" in capsys.readouterr().out
-    records = list(media.read_jsonl(tmp_path / "train.jsonl", check_media=True))
+    records = list(interleaved.read_jsonl(tmp_path / "train.jsonl", check_media=True))
     assert {r["task"] for r in records} == {"toy-caption", "toy-speak"}
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from mmllm.data import oracles, toy_tasks
-from mmllm.data.media import read_jsonl, read_video, validate_record
+from mmllm.data.interleaved import read_jsonl, validate_record
+from mmllm.data.media import read_video
 from mmllm.data.toyworld import (
     ACTION_STEPS,
     COLORS,
