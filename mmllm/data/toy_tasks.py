@@ -1,6 +1,6 @@
 """Toy-world task conversations, reasoning puzzles, and the dataset writer.
 
-Every task of /work/shared/TOYWORLD.md is a function `(rng, media) -> record` that samples one
+Every toy-world task (the ids in `TASKS`) is a function `(rng, media) -> record` that samples one
 item: a conversation (or, for `toy-interleaved`, a plain document) in the interleaved JSONL
 format of docs/data_format.md, with the ground truth a scorer needs under "meta". Media are
 handed to a `MediaSink`, which names their files; `write_toyworld` then saves them beside the
