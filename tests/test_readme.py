@@ -3,8 +3,9 @@
 Each `mmllm ...` line of the README's bash blocks runs in one scratch dir, in order; the Python
 block runs after them. `make` targets are left out (CI runs them). The inputs the README
 assumes are created first: `captions.txt`, and `my-llm`, a tiny Qwen2 dir with more embedding
-rows than tokenizer tokens, as a downloaded Qwen2 has. `mmllm bench model` gets the tiny config
-and a short run appended (later flags override earlier ones).
+rows than tokenizer tokens, as a downloaded Qwen2 has. Long runs get short settings appended
+(later flags and overrides win): `bench model` the tiny config, `tokenizer train` two steps on
+a few items, `bench tokenizers` the instant action bins only. Config paths are the repo's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from .conftest import REPO, save_tiny_hf
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 TINY_BENCH = ["--config", str(REPO / "configs/model/tiny.yaml"), "--batch", "2", "--seq", "16", "--repeats", "1"]
+SHORT_RUNS = {
+    ("bench", "model"): TINY_BENCH,
+    ("tokenizer", "train"): ["train.steps=2", "train.batch_size=2", "data.num_items=4"],
+    ("tokenizer", "evaluate"): ["--n", "4"],
+    ("bench", "tokenizers"): ["--only", "action-bins", "--n", "8", "--repeats", "1"],
+}
 
 
 def blocks(language: str) -> list[str]:
@@ -51,18 +58,26 @@ def test_readme_commands_and_example_run(tmp_path, monkeypatch, caption_file, te
     save_tiny_hf(tmp_path / "my-llm", "Qwen2", vocab_size=rows, tokenizer=text_tokenizer)
 
     for argv in readme_commands():
-        if argv[:2] == ["bench", "model"]:
-            argv = [*argv, *TINY_BENCH]
+        argv = [str(REPO / a) if a.startswith("configs/") else a for a in argv]
+        argv = [*argv, *SHORT_RUNS.get(tuple(argv[:2]), [])]
         assert main(["--quiet", *argv]) == 0, argv
 
-    (example,) = blocks("python")
-    exec(compile(example, "README.md", "exec"), {})
+    for example in blocks("python"):
+        exec(compile(example, "README.md", "exec"), {})
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "my-llm-mm-hf")
     assert hf.config.vocab_size > rows
 
 
 @pytest.mark.parametrize(
-    "script", ["tokenizers/train_text.py", "train/convert.py", "serve/export_hf.py", "eval/bench.py"]
+    "script",
+    [
+        "tokenizers/train_text.py",
+        "tokenizers/train.py",
+        "tokenizers/evaluate.py",
+        "train/convert.py",
+        "serve/export_hf.py",
+        "eval/bench.py",
+    ],
 )
 def test_entry_scripts_are_thin_and_run(script):
     import subprocess
