@@ -16,7 +16,12 @@ from mmllm.tokenizers.image_1d import TiTokTokenizer
 from mmllm.vocab import VocabLayout
 
 TINY = {
-    "image-conv": {"channels": [8, 8, 16], "strides": [2, 2, 2], "encoder_blocks": [0, 0, 1], "decoder_blocks": [0, 0, 1]},
+    "image-conv": {
+        "channels": [8, 8, 16],
+        "strides": [2, 2, 2],
+        "encoder_blocks": [0, 0, 1],
+        "decoder_blocks": [0, 0, 1],
+    },
     "image-titok": {"num_tokens": 8, "width": 32, "encoder_depth": 1, "decoder_depth": 1, "heads": 2},
 }
 

@@ -24,7 +24,8 @@ from mmllm.tokenizers.training import DataConfig, OptimConfig, TokenizerTrainCon
 from mmllm.tokenizers.video import CausalVideoTokenizer, PerFrameVideoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"channels": [8, 8, 16], "strides": [2, 2, 2], "encoder_blocks": 1, "decoder_blocks": 1}  # small widths GroupNorm's 8 groups allow
+# small widths GroupNorm's 8 groups allow
+TINY = {"channels": [8, 8, 16], "strides": [2, 2, 2], "encoder_blocks": 1, "decoder_blocks": 1}
 TINY_IMAGE = {"channels": [8], "strides": [8]}
 
 

@@ -70,8 +70,6 @@ MAX_CHANNELS = 8  # a (samples, channels) array with more "channels" is likely t
 LOG_FLOOR = 1e-3  # magnitude floor of the log spectra: ~90 dB under a full-scale tone's peak bin (~64 at n_fft 256)
 INPUT_SCALE = 10.0  # log(1 + 64 / LOG_FLOOR) ~ 11 for a full-scale tone: encoder inputs stay within about [0, 1]
 MAX_LOG_MAGNITUDE = math.log(1e3)  # clamp of the predicted log-magnitude, above any full-scale bin: exp never overflows
-DIRECT_WEIGHT = 1.0
-DIRECT_POWER = 1
 LATENT_BOUND = 2.0  # |latent| beyond which training pulls it back: tanh(2) = 0.96, FSQ's outermost cells start below
 # (n_fft, hop) of the multi-resolution STFT loss at 8 kHz: 16 to 64 ms windows, hop a quarter of the window
 LOSS_RESOLUTIONS = ((128, 32), (256, 64), (512, 128))
@@ -358,11 +356,12 @@ class SpectrogramCodec(ModalityTokenizer):
         spectrum = self._spectrum(out.quantized)
         frame_mask = (torch.arange(target.shape[-1])[None] * self.stft_hop < lengths[:, None]).to(waves.dtype)
         decoded = torch.log1p(spectrum.abs() / LOG_FLOOR) / INPUT_SCALE
-        magnitude = ((INPUT_SCALE * (decoded - target)).abs().pow(DIRECT_POWER) * frame_mask[:, None]).sum() / (frame_mask.sum() * target.shape[1])
+        magnitude_error = (INPUT_SCALE * (decoded - target)).abs() * frame_mask[:, None]
+        magnitude = magnitude_error.sum() / (frame_mask.sum() * target.shape[1])
         convergence, log_magnitude = multi_resolution_stft_loss(
             self._waves(spectrum) * sample_mask, waves * sample_mask, lengths
         )
-        loss = convergence + log_magnitude + DIRECT_WEIGHT * magnitude + out.loss + saturation
+        loss = convergence + log_magnitude + magnitude + out.loss + saturation
         frames = -(-lengths // self.codec_frame)
         valid = torch.arange(out.codes.shape[1])[None] < frames[:, None]
         usage = self.quantizer.usage(out.codes[valid])

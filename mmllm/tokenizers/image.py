@@ -11,7 +11,7 @@ block each side, so every 3x3 convolution runs on the 8x8 latent grid: VQGAN's s
 convolutions at full resolution costs a CPU about 10x more per image for these toy images and,
 measured, learned their edges no faster. The 3x3 blocks at the latent resolution still let the
 decoder read a code's neighbours, which an 8x8 patch straddling two shapes needs. Three 2x2
-stages (`channels: [32, 64, 128], strides: [2, 2, 2]`) give a deeper pyramid at 3x the cost.
+stages (`channels: [32, 64, 128], strides: [2, 2, 2]`) give a deeper pyramid at 1.5x the cost per image.
 
 Losses: L1 and L2 on pixels in [-1, 1] (weights `l1_weight`, `l2_weight`), the quantizer's own
 loss, and optionally a PatchGAN discriminator (`gan`: hinge loss, VQGAN's adaptive or a fixed

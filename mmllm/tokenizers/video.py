@@ -221,16 +221,23 @@ class CausalUnfold(nn.Module):
 
 
 class CausalDecoder(nn.Module):
-    """The encoder mirrored: residual blocks on the latent grid, causal temporal unfolding, then per
-    frame s x s stride-s transposed convolutions (patch splitting) back to pixels."""
+    """The encoder mirrored: residual blocks on the latent grid, causal temporal unfolding, residual
+    blocks at the full frame rate, then per frame s x s stride-s transposed convolutions (patch
+    splitting) back to pixels.
 
-    def __init__(self, channels, strides, time_levels, decoder_blocks, temporal_kernel, latent_dim):
+    The unfolding is pointwise in space, so without the full-rate blocks each output frame's
+    patches would be a per-position function of the latent: a shape moving across patches within
+    one latent frame could only be drawn from features prepared for every frame in advance.
+    """
+
+    def __init__(self, channels, strides, time_levels, decoder_blocks, frame_blocks, temporal_kernel, latent_dim):
         super().__init__()
         width = channels[-1]
         layers: list[nn.Module] = [CausalConv3d(latent_dim, width, (temporal_kernel, 3, 3))]
         layers += [CausalResBlock(width, temporal_kernel) for _ in range(decoder_blocks)]
         for _ in range(time_levels):
             layers += [*norm_act(width), CausalUnfold(width)]
+        layers += [CausalResBlock(width, temporal_kernel) for _ in range(frame_blocks)]
         self.temporal = nn.Sequential(*layers)
         layers = []
         for stage in reversed(range(len(channels))):
@@ -271,7 +278,8 @@ class CausalVideoTokenizer(ModalityTokenizer):
         strides: list[int] | tuple[int, ...] = (8,),  # each stage's spatial downsampling: 64x64 -> 8x8
         temporal_downsample: int = 4,  # 1 + 4k frames -> 1 + k latent frames
         encoder_blocks: int = 1,  # residual blocks on the latent grid
-        decoder_blocks: int = 2,  # the decoder has more to do (render sharp edges), as in VQGAN
+        decoder_blocks: int = 1,  # residual blocks on the latent grid
+        decoder_frame_blocks: int = 1,  # residual blocks at the full frame rate (CausalDecoder's docstring)
         temporal_kernel: int = 3,  # latent frames a residual block's causal conv sees (itself + 2 past)
         latent_dim: int = 3,  # channels of the latent grid (3 = FSQ's channels for bins [8, 8, 8])
         quantizer: dict[str, Any] | None = None,
@@ -299,6 +307,7 @@ class CausalVideoTokenizer(ModalityTokenizer):
             "temporal_downsample": temporal_downsample,
             "encoder_blocks": encoder_blocks,
             "decoder_blocks": decoder_blocks,
+            "decoder_frame_blocks": decoder_frame_blocks,
             "temporal_kernel": temporal_kernel,
             "latent_dim": latent_dim,
             "quantizer": dict(quantizer or DEFAULT_QUANTIZER),
@@ -306,7 +315,9 @@ class CausalVideoTokenizer(ModalityTokenizer):
             "l2_weight": l2_weight,
         }
         self.encoder = CausalEncoder(channels, strides, time_levels, encoder_blocks, temporal_kernel, latent_dim)
-        self.decoder = CausalDecoder(channels, strides, time_levels, decoder_blocks, temporal_kernel, latent_dim)
+        self.decoder = CausalDecoder(
+            channels, strides, time_levels, decoder_blocks, decoder_frame_blocks, temporal_kernel, latent_dim
+        )
         self.quantizer = build_quantizer(latent_dim, self.config["quantizer"])
         self.codebook_size = self.quantizer.codebook_size
         self.levels = self.quantizer.levels
