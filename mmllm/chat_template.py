@@ -13,7 +13,7 @@ used only when asked for (`template="hf"`, the CLI's `--chat-template hf`); it c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mmllm.errors import LayoutError
@@ -22,10 +22,22 @@ from mmllm.vocab import END_OF_TURN, VocabLayout
 Message = Mapping[str, Any]
 
 
+SPECIAL = "special"  # `EncodedConversation.parts` entry of template tokens (bos, roles, end of turn)
+
+
 @dataclass
 class EncodedConversation:
     input_ids: list[int]
     loss_mask: list[bool]  # True where the token is a target (assistant turns only)
+    # Per token, filled by the mmllm template (the hf template carries text only, leaving them empty):
+    parts: list[str] = field(default_factory=list)  # SPECIAL, "text", or the media span's modality
+    roles: list[str] = field(default_factory=list)  # the role of its message ("" for <|bos|>)
+
+    def append(self, ids: list[int], target: bool, part: str, role: str) -> None:
+        self.input_ids += ids
+        self.loss_mask += [target] * len(ids)
+        self.parts += [part] * len(ids)
+        self.roles += [role] * len(ids)
 
 
 def encode_conversation(
@@ -47,41 +59,52 @@ def encode_conversation(
         return _encode_with_hf_template(messages, text_tokenizer, add_generation_prompt)
     if template != "mmllm":
         raise LayoutError(f"chat template '{template}' is not one of: mmllm, hf")
-    ids = [layout.token_id("<|bos|>")]
-    mask = [False]
+    out = EncodedConversation([layout.token_id("<|bos|>")], [False], [SPECIAL], [""])
     end_of_turn = layout.token_id(END_OF_TURN)
     for i, message in enumerate(messages):
         role = message.get("role")
         if role not in ("system", "user", "assistant"):
             raise LayoutError(f"message {i}: unknown role {role!r} (roles: system, user, assistant)")
-        body = content_ids(message.get("content", ""), layout, text_tokenizer, where=f"message {i}")
         target = role == "assistant"
-        ids += [layout.role_id(role), *body, end_of_turn]
-        mask += [False] + [target] * (len(body) + 1)
+        out.append([layout.role_id(role)], False, SPECIAL, role)
+        for kind, ids in content_segments(message.get("content", ""), layout, text_tokenizer, where=f"message {i}"):
+            out.append(ids, target, kind, role)
+        out.append([end_of_turn], target, SPECIAL, role)
     if add_generation_prompt:
-        ids.append(layout.role_id("assistant"))
-        mask.append(False)
-    return EncodedConversation(ids, mask)
+        out.append([layout.role_id("assistant")], False, SPECIAL, "assistant")
+    return out
 
 
-def content_ids(
+def encode_document(
+    content: str | Sequence[Mapping[str, Any]], layout: VocabLayout, text_tokenizer
+) -> EncodedConversation:
+    """Token ids of a plain (non-chat) document: `<|bos|> content <|eos|>`, every token after
+    `<|bos|>` a target. Its tokens carry the role "document"."""
+    out = EncodedConversation([layout.token_id("<|bos|>")], [False], [SPECIAL], [""])
+    for kind, ids in content_segments(content, layout, text_tokenizer, where="document"):
+        out.append(ids, True, kind, "document")
+    out.append([layout.token_id("<|eos|>")], True, SPECIAL, "document")
+    return out
+
+
+def content_segments(
     content: str | Sequence[Mapping[str, Any]], layout: VocabLayout, text_tokenizer, where: str
-) -> list[int]:
-    """Ids of one message's content: text runs and media spans in order."""
+) -> list[tuple[str, list[int]]]:
+    """(kind, ids) of one message's parts in order: "text" runs and media spans (kind = modality)."""
     if isinstance(content, str):
-        return encode_text(content, text_tokenizer)
-    ids: list[int] = []
+        return [("text", encode_text(content, text_tokenizer))]
+    segments = []
     for j, part in enumerate(content):
         kind = part.get("type")
         if kind == "text":
-            ids += encode_text(part.get("text", ""), text_tokenizer)
+            segments.append(("text", encode_text(part.get("text", ""), text_tokenizer)))
         elif kind in layout.modalities:
             if "codes" not in part:
                 raise LayoutError(f"{where}, part {j}: a {kind} part needs its codes (run its tokenizer first)")
-            ids += layout.span_ids(kind, part["codes"])
+            segments.append((kind, layout.span_ids(kind, part["codes"])))
         else:
             raise LayoutError(f"{where}, part {j}: unknown part type {kind!r}")
-    return ids
+    return segments
 
 
 def encode_text(text: str, text_tokenizer) -> list[int]:

@@ -7,6 +7,8 @@
     mmllm toyworld           write the toy world: task JSONL plus media files
     mmllm tokenizer train    train or fit a modality tokenizer from a YAML config
     mmllm tokenizer evaluate score a tokenizer's round trip (quality, usage, oracle agreement)
+    mmllm pretokenize        records -> Arrow shards of token ids (offline, sharded, resumable)
+    mmllm pretrain           the DeepSpeed pretraining loop (also `deepspeed train/pretrain.py`)
     mmllm bench model        our backbone against transformers' Llama, forward + backward
     mmllm bench tokenizers   train, score and time the toy tokenizers
     mmllm demo               the end-to-end pipeline on the embedded toy world
@@ -119,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     tok_eval.add_argument("--batch-size", type=int, default=32)
     tok_eval.add_argument("--out", help="also write the report as JSON")
     tok_eval.set_defaults(handler=cmd_tokenizer_evaluate)
+
+    pretok = commands.add_parser("pretokenize", help="records -> Arrow shards of token ids")
+    pretok.add_argument("--data", required=True, help="a JSONL file, dataset dir, parquet, tar shards, ...")
+    pretok.add_argument("--format", help="the source's format (default: detected)")
+    pretok.add_argument("--model-or-layout", required=True, help="a checkpoint or tokenizer bundle dir")
+    pretok.add_argument("--out", required=True, help="shard dir")
+    pretok.add_argument("--num-proc", type=int, default=1, help="worker processes")
+    pretok.add_argument("--shard", help="i/N: this job's share (default: RANK/WORLD_SIZE, else 0/1)")
+    pretok.add_argument("--chunk-size", type=int, default=256, help="records per written chunk")
+    pretok.add_argument("--task", help="task name for records whose source has none")
+    pretok.set_defaults(handler=cmd_pretokenize)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain with DeepSpeed (any number of ranks)")
+    add_training_arguments(pretrain)
+    pretrain.set_defaults(handler=cmd_pretrain)
 
     bench = commands.add_parser("bench", help="benchmarks against named baselines")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -292,6 +309,47 @@ def cmd_tokenizer_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="configs/pretrain/*.yaml")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON (default: ZeRO-0); its 'auto' fields come from the YAML")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out/")
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=100")
+
+
+def cmd_pretokenize(args: argparse.Namespace) -> None:
+    from mmllm.data.formats import read_records
+    from mmllm.data.pretokenize import parse_shard, pretokenize
+
+    # Bad samples are skipped and reported by the pretokenizer; the reader skips only malformed records.
+    records = read_records(args.data, format=args.format, task=args.task, on_error="skip")
+    report = pretokenize(
+        records,
+        None,  # readers hand over media as bytes, so no paths are resolved
+        args.model_or_layout,
+        args.out,
+        shard=parse_shard(args.shard),
+        num_proc=args.num_proc,
+        chunk_size=args.chunk_size,
+    )
+    print(
+        f"pretokenized {report.written} of {report.records} records ({report.tokens} tokens, "
+        f"{report.skipped} skipped, {report.chunks_reused} chunks reused) in {report.seconds:.1f} s -> {args.out}"
+    )
+    for failure in report.failures[:5]:
+        logger.warning("skipped %s: %s", failure["id"], failure["error"])
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from mmllm.training.config import load_pretrain_config
+    from mmllm.training.loop import train
+
+    config = load_pretrain_config(args.config, args.overrides)
+    result = train(config, deepspeed_config=args.deepspeed, resume=args.resume)
+    if result.rank == 0:
+        print(f"pretrained {result.steps} steps, final loss {result.final_loss:.4f} -> {result.model_dir}")
 
 
 def cmd_bench_tokenizers(args: argparse.Namespace) -> None:

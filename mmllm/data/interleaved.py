@@ -1,7 +1,8 @@
 """The project's interleaved JSONL (docs/data_format.md): read and validate records, load parts.
 
 `read_jsonl` validates each record as it reads it and names the file and line of the first
-problem; `load_part` turns a record's media part into an array in the media conventions.
+problem; `load_part` turns a record's media part into an array in the media conventions. Records
+built in memory (by `mmllm.data.formats`) may also carry media as an encoded file's `bytes`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from mmllm.data.media import DEFAULT_AUDIO_RATE, check_actions, read_media
+from mmllm.data.media import DEFAULT_AUDIO_RATE, MEDIA_SUFFIXES, check_actions, decode_media, read_media
 from mmllm.errors import InputError
 
 ROLES = ("system", "user", "assistant", "document")
 MEDIA_TYPES = ("image", "audio", "video", "action")
-SOURCES = ("path", "values", "codes")  # where a media part's content is: a file, inline actions, or tokenizer codes
+# where a media part's content is: a file, inline actions, tokenizer codes, or an encoded file's bytes in memory
+SOURCES = ("path", "values", "codes", "bytes")
 
 
 def read_jsonl(path: str | Path, check_media: bool = False) -> Iterator[dict[str, Any]]:
@@ -98,6 +100,12 @@ def _validate_part(part: Any, at: str, media_root: Path | None) -> None:
             raise InputError(f"{at}: 'codes' must be a rectangular array of integers") from err
         if codes.size == 0 or codes.dtype.kind not in "iu":
             raise InputError(f"{at}: 'codes' must be a non-empty array of integers")
+    elif "bytes" in part:
+        if not isinstance(part["bytes"], bytes) or not part["bytes"]:
+            raise InputError(f"{at}: 'bytes' must be a non-empty bytes object")
+        formats = [suffix[1:] for suffix in MEDIA_SUFFIXES[kind]]
+        if not isinstance(part.get("format"), str) or part["format"].lower() not in formats:
+            raise InputError(f"{at}: a {kind} part with 'bytes' needs a 'format' in {', '.join(formats)}")
     else:
         relative = part["path"]
         if not isinstance(relative, str) or not relative:
@@ -109,11 +117,18 @@ def _validate_part(part: Any, at: str, media_root: Path | None) -> None:
             raise InputError(f"{at}: media file {relative!r} does not exist")
 
 
-def load_part(part: dict[str, Any], root: str | Path, sample_rate: int = DEFAULT_AUDIO_RATE) -> np.ndarray:
+def load_part(
+    part: dict[str, Any], root: str | Path | None = None, sample_rate: int = DEFAULT_AUDIO_RATE
+) -> np.ndarray:
     """A validated media part as an array: its file read by modality (relative to `root`, the JSONL's
-    folder), its inline action values, or its codes (int64)."""
+    folder), its inline action values, its codes (int64), or its in-memory bytes decoded as that file."""
     if "codes" in part:
         return np.asarray(part["codes"], dtype=np.int64)
     if "values" in part:
         return check_actions(part["values"], "inline action part")
+    if "bytes" in part:
+        where = part.get("name") or f"in-memory {part['format']} {part['type']}"
+        return decode_media(part["type"], part["bytes"], part["format"], where, sample_rate)
+    if root is None:
+        raise InputError(f"{part['path']}: a media file's part needs the folder its path is relative to (root)")
     return read_media(part["type"], Path(root) / part["path"], sample_rate)

@@ -12,14 +12,19 @@ pixel reads as background; multi-channel audio is averaged to mono; audio is res
 `scipy.signal.resample_poly` when a rate is asked for. Anything that cannot be read, is
 truncated, or has the wrong shape or dtype raises `MediaError("<path>: <problem>")`, one line,
 so a batch job can log it and go on.
+
+`decode_media` reads the same formats from an encoded file's bytes held in memory (a parquet cell,
+a tar member), with the same checks; its errors name the item instead of a path.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -44,9 +49,12 @@ def _fail(path: str | Path, problem: str) -> MediaError:
     return MediaError(f"{path}: {problem.splitlines()[0] if problem else 'unreadable'}")
 
 
-def _require_file(path: Path) -> None:
+def _open(path: str | Path) -> BinaryIO:
+    """The file for reading, or MediaError when it is missing."""
+    path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such file")
+    return path.open("rb")
 
 
 def check_frames(array: np.ndarray, where: str | Path, ndim: int) -> np.ndarray:
@@ -77,14 +85,17 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 def read_image(path: str | Path) -> np.ndarray:
     """uint8 (H, W, 3) from any format Pillow reads."""
-    path = Path(path)
-    _require_file(path)
+    with _open(path) as file:
+        return _decode_image(file, path)
+
+
+def _decode_image(file: BinaryIO, where: str | Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             image.load()
             return to_rgb(image)
     except PIL_ERRORS as err:
-        raise _fail(path, f"not a readable image ({err})") from err
+        raise _fail(where, f"not a readable image ({err})") from err
 
 
 def write_image(path: str | Path, array: np.ndarray) -> None:
@@ -106,41 +117,45 @@ def resize_image(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------- audio
 
 
-def _check_wav_length(path: Path) -> None:
+def _check_wav_length(f: BinaryIO, where: str | Path) -> None:
     """A WAV whose data chunk claims more bytes than the file holds is truncated (libsndfile would
     silently read the part that is there)."""
-    with path.open("rb") as f:
-        header = f.read(12)
-        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
-            return  # not RIFF/WAVE: leave it to libsndfile to accept or reject
-        file_size = path.stat().st_size
-        offset = 12
-        while offset + 8 <= file_size:
-            f.seek(offset)
-            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
-            if chunk_id == b"data":
-                if offset + 8 + chunk_size > file_size and chunk_size != 0xFFFFFFFF:  # 0xFFFFFFFF: streamed, unknown
-                    raise _fail(path, f"truncated WAV: data chunk holds {file_size - offset - 8} of {chunk_size} bytes")
-                return
-            offset += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to even sizes
-        raise _fail(path, "truncated WAV: no data chunk")
+    file_size = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    header = f.read(12)
+    if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        return  # not RIFF/WAVE: leave it to libsndfile to accept or reject
+    offset = 12
+    while offset + 8 <= file_size:
+        f.seek(offset)
+        chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+        if chunk_id == b"data":
+            if offset + 8 + chunk_size > file_size and chunk_size != 0xFFFFFFFF:  # 0xFFFFFFFF: streamed, unknown
+                raise _fail(where, f"truncated WAV: data chunk holds {file_size - offset - 8} of {chunk_size} bytes")
+            return
+        offset += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to even sizes
+    raise _fail(where, "truncated WAV: no data chunk")
 
 
 def read_audio(path: str | Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
     """float32 mono samples and their rate; channels are averaged, and resampled when `sample_rate` is given."""
-    path = Path(path)
-    _require_file(path)
-    if path.suffix.lower() == ".wav":
-        _check_wav_length(path)
+    with _open(path) as file:
+        return _decode_audio(file, Path(path).suffix.lower(), path, sample_rate)
+
+
+def _decode_audio(file: BinaryIO, suffix: str, where: str | Path, sample_rate: int | None) -> tuple[np.ndarray, int]:
+    if suffix == ".wav":
+        _check_wav_length(file, where)
+        file.seek(0)
     try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        data, rate = soundfile.read(file, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise _fail(path, f"not a readable audio file ({err})") from err
+        raise _fail(where, f"not a readable audio file ({err})") from err
     if data.shape[0] == 0:
-        raise _fail(path, "no audio samples")
+        raise _fail(where, "no audio samples")
     wave = data.mean(axis=1, dtype=np.float32)
     if not np.isfinite(wave).all():
-        raise _fail(path, "audio holds NaN or infinite samples")
+        raise _fail(where, "audio holds NaN or infinite samples")
     if sample_rate is not None and sample_rate != rate:
         wave, rate = resample_audio(wave, rate, sample_rate), sample_rate
     return wave, int(rate)
@@ -170,53 +185,55 @@ def resample_audio(wave: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray
 # ---------------------------------------------------------------- video
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(file: BinaryIO, where: str | Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
-        raise _fail(path, f"not a readable .npy array ({err})") from err
+        raise _fail(where, f"not a readable .npy array ({err})") from err
 
 
-def _read_gif(path: Path) -> np.ndarray:
+def _read_gif(file: BinaryIO, where: str | Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             frames = [to_rgb(frame.copy()) for frame in ImageSequence.Iterator(image)]
     except PIL_ERRORS as err:
-        raise _fail(path, f"not a readable GIF ({err})") from err
+        raise _fail(where, f"not a readable GIF ({err})") from err
     return np.stack(frames)
 
 
-def _read_av(path: Path) -> np.ndarray:
+def _read_av(file: BinaryIO, where: str | Path) -> np.ndarray:
     import av  # PyAV loads FFmpeg's libraries: import it only when a container file is read
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(file) as container:
             if not container.streams.video:
-                raise _fail(path, "no video stream")
+                raise _fail(where, "no video stream")
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     except av.FFmpegError as err:
-        raise _fail(path, f"not a readable video ({err})") from err
+        raise _fail(where, f"not a readable video ({err})") from err
     if not frames:
-        raise _fail(path, "no decodable video frames (truncated?)")
+        raise _fail(where, "no decodable video frames (truncated?)")
     if len({frame.shape for frame in frames}) > 1:
-        raise _fail(path, "frames of different sizes")
+        raise _fail(where, "frames of different sizes")
     return np.stack(frames)
 
 
 def read_video(path: str | Path) -> np.ndarray:
     """uint8 (T, H, W, 3) from .npy (validated, no pickle), .gif, or an FFmpeg container (.mp4, .webm, ...)."""
-    path = Path(path)
-    _require_file(path)
-    suffix = path.suffix.lower()
+    with _open(path) as file:
+        return _decode_video(file, Path(path).suffix.lower(), path)
+
+
+def _decode_video(file: BinaryIO, suffix: str, where: str | Path) -> np.ndarray:
     if suffix == ".npy":
-        frames = _read_npy(path)
+        frames = _read_npy(file, where)
     elif suffix == ".gif":
-        frames = _read_gif(path)
+        frames = _read_gif(file, where)
     elif suffix in VIDEO_SUFFIXES:
-        frames = _read_av(path)
+        frames = _read_av(file, where)
     else:
-        raise _fail(path, f"unknown video format {suffix!r} ({', '.join(VIDEO_SUFFIXES)})")
-    return check_frames(frames, path, ndim=4)
+        raise _fail(where, f"unknown video format {suffix!r} ({', '.join(VIDEO_SUFFIXES)})")
+    return check_frames(frames, where, ndim=4)
 
 
 def write_video(path: str | Path, frames: np.ndarray) -> None:
@@ -259,19 +276,21 @@ def _write_av(path: Path, frames: np.ndarray) -> None:
 
 def read_action(path: str | Path) -> np.ndarray:
     """float32 (steps, dims) from .json (list of steps) or .npy; values are returned as stored."""
-    path = Path(path)
-    _require_file(path)
-    suffix = path.suffix.lower()
+    with _open(path) as file:
+        return _decode_action(file, Path(path).suffix.lower(), path)
+
+
+def _decode_action(file: BinaryIO, suffix: str, where: str | Path) -> np.ndarray:
     if suffix == ".npy":
-        raw = _read_npy(path)
+        raw = _read_npy(file, where)
     elif suffix == ".json":
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(file.read().decode("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise _fail(path, f"not readable JSON ({err})") from err
+            raise _fail(where, f"not readable JSON ({err})") from err
     else:
-        raise _fail(path, f"unknown action format {suffix!r} (.json, .npy)")
-    return check_actions(raw, path)
+        raise _fail(where, f"unknown action format {suffix!r} (.json, .npy)")
+    return check_actions(raw, where)
 
 
 def check_actions(raw: object, where: str | Path) -> np.ndarray:
@@ -305,15 +324,30 @@ def write_action(path: str | Path, actions: np.ndarray) -> None:
 
 def read_media(modality: str, path: str | Path, sample_rate: int = DEFAULT_AUDIO_RATE) -> np.ndarray:
     """One medium in its modality's convention; audio is resampled to `sample_rate` (16 kHz by default)."""
+    if modality not in MEDIA_SUFFIXES:
+        raise MediaError(f"{path}: unknown modality {modality!r} (image, audio, video, action)")
+    with _open(path) as file:
+        return _decode(modality, file, Path(path).suffix.lower(), path, sample_rate)
+
+
+def decode_media(
+    modality: str, data: bytes, format: str, where: str, sample_rate: int = DEFAULT_AUDIO_RATE
+) -> np.ndarray:
+    """One medium from an encoded file's bytes held in memory, as `read_media` reads the file: `format`
+    is the extension the file would have ("png", "wav", ...), and errors start with `where`."""
+    if modality not in MEDIA_SUFFIXES:
+        raise MediaError(f"{where}: unknown modality {modality!r} (image, audio, video, action)")
+    return _decode(modality, io.BytesIO(data), f".{format.lower()}", where, sample_rate)
+
+
+def _decode(modality: str, file: BinaryIO, suffix: str, where: str | Path, sample_rate: int) -> np.ndarray:
     if modality == "image":
-        return read_image(path)
+        return _decode_image(file, where)
     if modality == "audio":
-        return read_audio(path, sample_rate)[0]
+        return _decode_audio(file, suffix, where, sample_rate)[0]
     if modality == "video":
-        return read_video(path)
-    if modality == "action":
-        return read_action(path)
-    raise MediaError(f"{path}: unknown modality {modality!r} (image, audio, video, action)")
+        return _decode_video(file, suffix, where)
+    return _decode_action(file, suffix, where)
 
 
 def write_media(modality: str, path: str | Path, item: np.ndarray, sample_rate: int = DEFAULT_AUDIO_RATE) -> None:

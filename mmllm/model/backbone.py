@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mmllm.errors import ConfigError, InputError
 from mmllm.model.config import ModelConfig
@@ -410,6 +411,9 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.hooks = nn.ModuleList()
+        # Recompute each layer's activations in the backward pass instead of keeping them
+        # (training only; the trainer's `activation_checkpointing` option sets it).
+        self.activation_checkpointing = False
 
     def forward(
         self,
@@ -429,7 +433,10 @@ class Backbone(nn.Module):
         masks = AttentionMasks(state)
         for i, layer in enumerate(self.layers):
             cache = kv_cache.layers[i] if kv_cache is not None else None
-            state.hidden = layer(state.hidden, rope, masks, cache)
+            if self.activation_checkpointing and self.training and cache is None:
+                state.hidden = checkpoint(layer, state.hidden, rope, masks, None, use_reentrant=False)
+            else:
+                state.hidden = layer(state.hidden, rope, masks, cache)
             for hook in self.hooks:
                 changed = hook.on_layer_end(i, state, kv_cache)
                 if changed is not state:

@@ -1,0 +1,313 @@
+"""Pack pretokenized documents into fixed `seq_len` rows for training.
+
+A row holds several documents. Each token carries its document id, so attention stays inside
+its document (the backbone's packed-row mask), and positions restart at every document.
+
+Two kinds of document, two rules:
+
+- A pretraining document (`splittable`) may continue in a later row, but only at a cut point
+  outside every modality span: an image, clip or utterance is never split across rows. Each
+  piece is a document of its own in its row, positions restarting.
+- A conversation (SFT) is never split. One longer than `seq_len` is truncated at the last cut
+  point that fits (counted), or skipped (counted), as `overflow` says.
+
+Rows are filled from a buffer of `buffer_size` pending documents. The oldest opens the row
+(documents keep their stream order, and none waits forever); then, best fit, the longest
+document that fits the space left goes in, again and again. When none fits, a splittable
+document is cut to fill the row; otherwise the row is closed and padded. On the toy world this wastes under 1%
+of pretraining tokens and a few percent of SFT tokens (`PackingStats.fill`).
+
+Documents are drawn from a mixture of sources with weights (`Mixture`), each source shuffled
+anew every epoch. Generation tasks get classifier-free-guidance condition dropout: with
+probability `condition_dropout`, a document's conditioning text (marked at pretokenization) is
+replaced by one `<|null|>` token, so the model also learns the unconditional distribution
+that guidance subtracts (LlamaGen, Emu3: 10%).
+
+Everything is deterministic given the seed, so a resumed run regenerates the same rows and
+skips the ones it already trained on (`PackedRows.rows(start=...)`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from mmllm.errors import ConfigError
+from mmllm.model.loss import IGNORE_INDEX
+from mmllm.vocab import VocabLayout
+
+TEXT = 0  # `Document.modality` value of text and special tokens; modality k of the layout is k + 1
+
+
+@dataclass
+class Document:
+    """One pretokenized sample: a document or a conversation."""
+
+    input_ids: np.ndarray  # int64 (T,)
+    loss_mask: np.ndarray  # bool (T,): True where the token is a training target
+    modality: np.ndarray  # int8 (T,): TEXT, or 1 + the layout index of the span's modality (delimiters included)
+    condition: np.ndarray  # bool (T,): conditioning text that CFG dropout may replace by <|null|>
+    splittable: bool  # pretraining documents may continue in the next row; conversations may not
+    source: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def slice(self, start: int, stop: int) -> Document:
+        return Document(
+            self.input_ids[start:stop],
+            self.loss_mask[start:stop],
+            self.modality[start:stop],
+            self.condition[start:stop],
+            self.splittable,
+            self.source,
+        )
+
+
+@dataclass
+class PackingConfig:
+    seq_len: int = 1024
+    overflow: Literal["truncate", "skip"] = "truncate"  # for a conversation longer than seq_len
+    buffer_size: int = 256  # pending documents the best-fit search chooses from
+    condition_dropout: float = 0.1  # CFG: probability of replacing a document's conditioning text
+    modality_loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"image": 0.5}; others 1
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"packing.seq_len must be at least 2, got {self.seq_len}")
+        if self.overflow not in ("truncate", "skip"):
+            raise ConfigError(f"packing.overflow must be 'truncate' or 'skip', got {self.overflow!r}")
+        if self.buffer_size < 1:
+            raise ConfigError(f"packing.buffer_size must be at least 1, got {self.buffer_size}")
+        if not 0.0 <= self.condition_dropout <= 1.0:
+            raise ConfigError(f"packing.condition_dropout must be in [0, 1], got {self.condition_dropout}")
+
+
+@dataclass
+class PackedRow:
+    """One training row; every array has length seq_len."""
+
+    input_ids: np.ndarray  # int64
+    labels: np.ndarray  # int64: the token where it is a target, else IGNORE_INDEX (not yet shifted)
+    position_ids: np.ndarray  # int64: restart at 0 for every document
+    document_ids: np.ndarray  # int64: 0, 1, ... per document in the row; padding gets one id of its own
+    loss_weights: np.ndarray  # float32: per-modality weight of each target token, 0 elsewhere
+    modality: np.ndarray  # int8: TEXT or 1 + layout modality index, for per-modality loss reporting
+    real_tokens: int  # tokens that are not padding
+
+
+@dataclass
+class PackingStats:
+    rows: int = 0
+    real_tokens: int = 0
+    documents: int = 0
+    split: int = 0  # pretraining documents continued in a later row
+    truncated: int = 0  # documents cut short: a conversation to seq_len, or at a span longer than a row
+    skipped: int = 0  # documents dropped: too long (overflow: skip), or no target left after truncation
+    condition_dropped: int = 0
+
+    def fill(self, seq_len: int) -> float:
+        """Fraction of row tokens that are real (not padding)."""
+        return self.real_tokens / max(1, self.rows * seq_len)
+
+
+class Mixture:
+    """An endless stream of documents drawn from weighted sources, each reshuffled per epoch."""
+
+    def __init__(self, sources: Sequence[Sequence[Document]], weights: Sequence[float], seed: int) -> None:
+        if not sources or len(sources) != len(weights):
+            raise ConfigError("a data mixture needs one weight per source and at least one source")
+        if any(len(source) == 0 for source in sources):
+            raise ConfigError("a data mixture source is empty")
+        weights = np.asarray(weights, dtype=np.float64)
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ConfigError(f"mixture weights must be non-negative with a positive sum, got {weights.tolist()}")
+        self.sources = sources
+        self.probabilities = weights / weights.sum()
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Document]:
+        rng = np.random.default_rng(self.seed)
+        orders = [self._order(i, 0) for i in range(len(self.sources))]
+        epochs = [0] * len(self.sources)
+        cursors = [0] * len(self.sources)
+        while True:
+            i = int(rng.choice(len(self.sources), p=self.probabilities)) if len(self.sources) > 1 else 0
+            if cursors[i] == len(orders[i]):
+                epochs[i] += 1
+                orders[i], cursors[i] = self._order(i, epochs[i]), 0
+            document = self.sources[i][int(orders[i][cursors[i]])]
+            cursors[i] += 1
+            yield document
+
+    def _order(self, source: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, source, epoch)).permutation(len(self.sources[source]))
+
+
+def cut_points(document: Document, span_begins: np.ndarray, span_ends: np.ndarray) -> np.ndarray:
+    """Sorted positions p (0 < p < len) where the document may be cut so that [p:] starts a new piece.
+
+    A cut may not fall inside a modality span: after its begin delimiter and before its end delimiter.
+    """
+    ids = document.input_ids
+    # Cutting before token p is safe when token p-1 is text or closes a span, or token p opens one.
+    allowed = (document.modality[:-1] == TEXT) | np.isin(ids[:-1], span_ends) | np.isin(ids[1:], span_begins)
+    return np.nonzero(allowed)[0] + 1
+
+
+class Packer:
+    """Turns a document stream into rows (see the module docstring)."""
+
+    def __init__(self, config: PackingConfig, layout: VocabLayout) -> None:
+        config.check()
+        self.config = config
+        self.pad_id = layout.pad_id
+        self.null_id = layout.null_id
+        self.span_delimiters = (
+            np.array([layout.begin_id(name) for name in layout.modalities], dtype=np.int64),
+            np.array([layout.end_id(name) for name in layout.modalities], dtype=np.int64),
+        )
+        names = list(layout.modalities)
+        unknown = set(config.modality_loss_weights) - set(names) - {"text"}
+        if unknown:
+            raise ConfigError(f"modality_loss_weights: unknown modalities {sorted(unknown)} (known: text, {names})")
+        self.weight_of_modality = np.array(
+            [config.modality_loss_weights.get("text", 1.0)] + [config.modality_loss_weights.get(n, 1.0) for n in names],
+            dtype=np.float32,
+        )
+        self.stats = PackingStats()
+
+    def rows(self, documents: Iterator[Document]) -> Iterator[PackedRow]:
+        cfg = self.config
+        rng = np.random.default_rng((cfg.seed, 1))  # condition dropout draws, apart from the mixture's
+        pending: list[tuple[int, int, Document]] = []  # (length, arrival, document) sorted by length
+        arrival = 0
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < cfg.buffer_size:
+                document = next(documents, None)
+                if document is None:
+                    exhausted = True
+                    break
+                document = self._prepare(document, rng)
+                if document is not None:
+                    bisect.insort(pending, (len(document), arrival, document), key=lambda item: item[:2])
+                    arrival += 1
+            if not pending:
+                return
+            yield self._fill_row(pending)
+
+    def _prepare(self, document: Document, rng: np.random.Generator) -> Document | None:
+        """Condition dropout, then the overflow rule for a conversation longer than seq_len."""
+        cfg = self.config
+        self.stats.documents += 1
+        if cfg.condition_dropout and document.condition.any() and rng.random() < cfg.condition_dropout:
+            document = drop_condition(document, self.null_id)
+            self.stats.condition_dropped += 1
+        if len(document) <= cfg.seq_len:
+            return document
+        bounds = np.concatenate(([0], cut_points(document, *self.span_delimiters), [len(document)]))
+        if document.splittable:
+            # Pieces end at cut points, so each stretch between two must fit a row: a span longer
+            # than seq_len ends the document there.
+            too_long = np.nonzero(np.diff(bounds) > cfg.seq_len)[0]
+            end = len(document) if len(too_long) == 0 else int(bounds[too_long[0]])
+        elif cfg.overflow == "truncate":
+            end = int(bounds[bounds <= cfg.seq_len][-1])
+        else:
+            end = 0
+        if end == 0 or not document.loss_mask[:end].any():  # nothing left to learn from
+            self.stats.skipped += 1
+            return None
+        if end < len(document):
+            self.stats.truncated += 1
+        return document.slice(0, end)
+
+    def _fill_row(self, pending: list[tuple[int, int, Document]]) -> PackedRow:
+        seq_len = self.config.seq_len
+        # The oldest pending document opens the row, so documents leave in stream order and
+        # none waits forever; best fit then fills the space behind it.
+        _, order, first = pending.pop(min(range(len(pending)), key=lambda i: pending[i][1]))
+        if len(first) > seq_len:  # only splittable documents are longer than a row (see _prepare)
+            first = self._cut(first, order, seq_len, pending)
+        pieces = [first]
+        space = seq_len - len(first)
+        while pending and space > 0:
+            # Best fit: the longest pending document that fits the space left.
+            index = bisect.bisect_right(pending, space, key=lambda item: item[0]) - 1
+            if index >= 0:
+                _, _, document = pending.pop(index)
+                pieces.append(document)
+                space -= len(document)
+                continue
+            piece = self._split_one(pending, space)
+            if piece is None:
+                break
+            pieces.append(piece)
+            space -= len(piece)
+        return self._assemble(pieces)
+
+    def _split_one(self, pending: list[tuple[int, int, Document]], space: int) -> Document | None:
+        """Cut the longest splittable pending document to fill `space`; the rest stays pending."""
+        for index in range(len(pending) - 1, -1, -1):
+            _, order, document = pending[index]
+            if not document.splittable:
+                continue
+            cuts = cut_points(document, *self.span_delimiters)
+            if len(cuts) == 0 or cuts[0] > space:
+                continue
+            pending.pop(index)
+            return self._cut(document, order, space, pending)
+        return None
+
+    def _cut(self, document: Document, order: int, space: int, pending: list) -> Document:
+        """The longest head of `document` that fits `space`; the rest goes back to `pending`."""
+        cuts = cut_points(document, *self.span_delimiters)
+        cut = int(cuts[cuts <= space][-1])
+        rest = document.slice(cut, len(document))
+        bisect.insort(pending, (len(rest), order, rest), key=lambda item: item[:2])
+        self.stats.split += 1
+        return document.slice(0, cut)
+
+    def _assemble(self, pieces: list[Document]) -> PackedRow:
+        seq_len = self.config.seq_len
+        input_ids = np.full(seq_len, self.pad_id, dtype=np.int64)
+        labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+        position_ids = np.arange(seq_len, dtype=np.int64)  # padding: counts on as a document of its own
+        document_ids = np.full(seq_len, len(pieces), dtype=np.int64)  # padding: one document of its own
+        modality = np.zeros(seq_len, dtype=np.int8)
+        start = 0
+        for number, piece in enumerate(pieces):
+            stop = start + len(piece)
+            input_ids[start:stop] = piece.input_ids
+            labels[start:stop] = np.where(piece.loss_mask, piece.input_ids, IGNORE_INDEX)
+            position_ids[start:stop] = np.arange(len(piece))
+            document_ids[start:stop] = number
+            modality[start:stop] = piece.modality
+            start = stop
+        position_ids[start:] -= start
+        loss_weights = np.where(labels != IGNORE_INDEX, self.weight_of_modality[modality], 0.0).astype(np.float32)
+        self.stats.rows += 1
+        self.stats.real_tokens += start
+        return PackedRow(input_ids, labels, position_ids, document_ids, loss_weights, modality, start)
+
+
+def drop_condition(document: Document, null_id: int) -> Document:
+    """The document with each run of conditioning tokens replaced by one <|null|> (no loss on it)."""
+    keep = ~document.condition
+    starts = document.condition & ~np.concatenate(([False], document.condition[:-1]))
+    keep |= starts
+    input_ids = np.where(starts, null_id, document.input_ids)[keep]
+    return Document(
+        input_ids,
+        np.where(starts, False, document.loss_mask)[keep],
+        np.where(starts, TEXT, document.modality)[keep].astype(np.int8),
+        np.zeros(len(input_ids), dtype=bool),
+        document.splittable,
+        document.source,
+    )

@@ -1,0 +1,1 @@
+"""Pretraining on the DeepSpeed engine: run config, DeepSpeed JSON, objectives, loop, checkpoints."""
