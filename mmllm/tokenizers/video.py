@@ -7,9 +7,10 @@ Emu3 and VidTok:
   so an output frame never sees a later input frame.
 - The first frame is therefore coded alone, and each later latent frame covers the next
   `temporal_downsample` frames. A clip of 1 + 4k frames gives 1 + k latent frames: 9 -> 3.
-- Space is reduced per frame by 2x2 stride-2 convolutions (patch merging), one per entry of
-  `channels`: three give 64x64 -> 8x8. Time is then folded on that coarse grid by causal convs of
-  kernel 2 and stride 2, and the residual blocks run on the few latent frames. 3x3 convolutions
+- Space is reduced per frame by patch-merging convolutions, one stage per entry of `channels`
+  with its stride in `strides`: the default single 8x8 stage gives 64x64 -> 8x8. Time is then
+  folded on that coarse grid by causal convs of kernel 2 and stride 2, and the residual blocks
+  run on the few latent frames. 3x3 convolutions
   at full resolution would cost a CPU several times more and, as the image tokenizer measured,
   learn these flat shapes' edges no faster.
 - The latent grid (latent frames, rows, cols) is quantized, with FSQ by default, as VidTok does
@@ -22,7 +23,8 @@ depends on latent frame 0 only. 2x2 stride-2 transposed convolutions then restor
 pixels. Normalisation is per frame (GroupNorm over channels and space, never time) to keep
 causality.
 
-The losses are L1 + L2 on pixels in [-1, 1], plus the quantizer's loss. No perceptual or
+The loss is L2 on pixels in [-1, 1] (`l1_weight` adds L1; off by default, as for images),
+plus the quantizer's loss. No perceptual or
 adversarial loss is used: there are no pretrained perceptual weights offline, and the toy
 world's flat shapes do not need one.
 
