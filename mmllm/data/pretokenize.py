@@ -319,15 +319,14 @@ def _encode_chunk(
     tokens = sum(len(row["input_ids"]) for row in rows)
     with atomic_directory(target) as tmp:
         Dataset.from_dict(columns, features=shard_features()).save_to_disk(str(tmp / "data"))
-        (tmp / FAILURES_FILE).write_text(json.dumps({"tokens": tokens, "failures": failures}) + "\n")
+        summary = {"written": len(rows), "tokens": tokens, "failures": failures}
+        (tmp / FAILURES_FILE).write_text(json.dumps(summary) + "\n")
     return len(chunk), len(rows), tokens, failures
 
 
 def _read_chunk_summary(target: Path) -> tuple[int, int, list[dict[str, str]]]:
     summary = json.loads((target / FAILURES_FILE).read_text())
-    from datasets import load_from_disk
-
-    return len(load_from_disk(str(target / "data"))), summary["tokens"], summary["failures"]
+    return summary["written"], summary["tokens"], summary["failures"]
 
 
 def _add_chunk(report: PretokenizeReport, records: int, written: int, tokens: int, failures) -> None:

@@ -23,9 +23,11 @@ skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -44,6 +46,7 @@ from mmllm.data.pretokenize import ShardDocuments, TokenizerBundle, load_shards
 from mmllm.errors import ConfigError, MMLLMError
 from mmllm.model.config import ModelConfig
 from mmllm.model.mmllm import MMLLM
+from mmllm.model.weights import atomic_directory
 from mmllm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmllm.training.config import PretrainConfig
 from mmllm.training.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
@@ -80,7 +83,16 @@ def setup_distributed() -> torch.device:
     import deepspeed
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        # On CPU, DeepSpeed's shared-memory all-reduce starts up when LOCAL_SIZE covers every
+        # rank, and its start-up sometimes aborts a rank ("terminate called without an active
+        # exception"). The loop's collectives go through gloo, so hide LOCAL_SIZE while it
+        # initialises; the CPU accelerator reads it afterwards as the device count.
+        local_size = None if cuda else os.environ.pop("LOCAL_SIZE", None)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        finally:
+            if local_size is not None:
+                os.environ["LOCAL_SIZE"] = local_size
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
@@ -170,8 +182,6 @@ def validation_rows(config: PretrainConfig, model: MMLLM) -> list[PackedRow]:
     """The first `validation_rows` rows of the validation set, packed without condition dropout."""
     if config.data.validation is None:
         return []
-    import dataclasses
-
     documents = ShardDocuments(load_shards(config.data.validation, model.layout))
     packer = Packer(dataclasses.replace(config.data.packing, condition_dropout=0.0), model.layout)
     rows = packer.rows(documents[i] for i in range(len(documents)))
@@ -339,10 +349,6 @@ def _state(step: int, stream: RowStream, nonfinite: int) -> dict[str, Any]:
 
 def _publish_model(checkpoint: Path, model_dir: Path) -> None:
     """Copy the final checkpoint's model dir to OUT/model atomically."""
-    import shutil
-
-    from mmllm.model.weights import atomic_directory
-
     with atomic_directory(model_dir) as tmp:
         shutil.copytree(checkpoint / "model", tmp, dirs_exist_ok=True)
 
