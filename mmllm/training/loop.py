@@ -83,16 +83,7 @@ def setup_distributed() -> torch.device:
     import deepspeed
 
     if not dist.is_initialized():
-        # On CPU, DeepSpeed's shared-memory all-reduce starts up when LOCAL_SIZE covers every
-        # rank, and its start-up sometimes aborts a rank ("terminate called without an active
-        # exception"). The loop's collectives go through gloo, so hide LOCAL_SIZE while it
-        # initialises; the CPU accelerator reads it afterwards as the device count.
-        local_size = None if cuda else os.environ.pop("LOCAL_SIZE", None)
-        try:
-            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-        finally:
-            if local_size is not None:
-                os.environ["LOCAL_SIZE"] = local_size
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
