@@ -38,6 +38,8 @@ setup(
         "av>=12",
         "pyyaml>=6",
         "tqdm>=4.66",
+        # Loss curves and image grids in the demo report (Agg backend: no display needed).
+        "matplotlib>=3.8",
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],

@@ -344,10 +344,11 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from mmllm.training.config import load_pretrain_config
-    from mmllm.training.loop import train
+    from mmllm.training.loop import shutdown_distributed, train
 
     config = load_pretrain_config(args.config, args.overrides)
     result = train(config, deepspeed_config=args.deepspeed, resume=args.resume)
+    shutdown_distributed()
     if result.rank == 0:
         print(f"pretrained {result.steps} steps, final loss {result.final_loss:.4f} -> {result.model_dir}")
 

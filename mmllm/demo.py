@@ -1,27 +1,36 @@
-"""`mmllm demo`: the largest end-to-end piece of the pipeline that exists, on the toy world.
+"""`mmllm demo`: the pipeline on the toy world, every stage real, with a report.
 
-Today that is: toy-world captions -> a SentencePiece text tokenizer -> the vocabulary layout
--> a toy model built for it -> a native checkpoint -> a Hugging Face export that transformers
-loads -> back to native, with every hand-off checked for identical logits. Later stages
-(tokenizers, pretraining, finetuning, chat, eval) extend it. It writes OUT/report.md and
-leaves OUT/model/, a self-contained checkpoint.
+Toy world -> a SentencePiece text tokenizer and the four modality tokenizers -> the vocabulary
+layout -> pretokenized Arrow shards -> a 2-rank DeepSpeed (ZeRO-2) pretraining run -> checks that
+the trained checkpoint, its Hugging Face export, the re-import and KV-cached decoding give the
+same logits. It leaves OUT/model/ (a self-contained checkpoint) and OUT/report.md with the
+per-modality loss curves (OUT/loss_curves.png). `--fast` shrinks every stage so the test suite
+runs it; later stages (finetuning, chat, eval) extend it.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mmllm.chat_template import encode_conversation
 from mmllm.config import load_config
+from mmllm.data.interleaved import read_jsonl
+from mmllm.data.pretokenize import TokenizerBundle, load_shards, pretokenize
+from mmllm.data.toy_tasks import write_toyworld
 from mmllm.data.toyworld import caption_corpus
 from mmllm.errors import MMLLMError
-from mmllm.model.config import ModelConfig
 from mmllm.model.mmllm import MMLLM
+from mmllm.plots import plot_loss_curves
 from mmllm.text_tokenizer import fingerprint, train_text_tokenizer
+from mmllm.tokenizers.evaluation import evaluate_tokenizer, held_out_items
+from mmllm.tokenizers.training import load_train_config, train_tokenizer
+from mmllm.training.launch import launch_ranks
+from mmllm.training.loop import LOG_FILE
 from mmllm.vocab import VocabLayout, VocabSpec
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -32,7 +41,56 @@ class DemoCheckFailed(MMLLMError):
     """A hand-off in the demo changed the model's outputs."""
 
 
+@dataclass(frozen=True)
+class DemoScale:
+    """How much of everything the demo makes: `--fast` (the test suite runs it) or full (`make demo`)."""
+
+    items_per_task: int  # toy-world records of each of the 12 tasks
+    tokenizer_steps: int | None  # None: each tokenizer config's own step count (trained to its target)
+    tokenizer_items: int | None  # None: the config's item count
+    tokenizer_eval_items: int  # held-out items scored through each tokenizer's round trip
+    model: str  # model config YAML
+    pretrain_overrides: tuple[str, ...]  # on top of configs/pretrain/toy.yaml
+
+
+FAST = DemoScale(
+    items_per_task=24,
+    tokenizer_steps=60,  # enough to leave random init; the learned codes are not the point here
+    tokenizer_items=256,
+    tokenizer_eval_items=16,
+    model="tiny.yaml",
+    # 40 steps of 2 ranks x 4 rows x 512 tokens: every modality's loss visibly falls
+    pretrain_overrides=(
+        "steps=40",
+        "data.packing.seq_len=512",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=5",
+        "log_every=1",
+        "save_every=0",
+    ),
+)
+FULL = DemoScale(
+    items_per_task=500,  # TOYWORLD.md's training split size
+    tokenizer_steps=None,
+    tokenizer_items=None,
+    tokenizer_eval_items=200,
+    model="toy.yaml",
+    pretrain_overrides=(),
+)
+TOKENIZER_CONFIGS = {  # modality -> the config that trains its toy tokenizer
+    "image": "image_toy.yaml",
+    "audio": "audio_toy.yaml",
+    "video": "video_toy.yaml",
+    "action": "action_bins.yaml",
+}
+SHOWN_TASK = "toy-caption"  # the report shows this task's first document as the exported tokenizer names it
+RANKS = 2  # the pretraining stage is a real multi-rank DeepSpeed run, even on a laptop
+
+
 def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
+    """Toy world -> text and modality tokenizers -> pretokenized shards -> 2-rank DeepSpeed
+    pretraining -> parity checks on the trained model; returns OUT/report.md."""
+    scale = FAST if fast else FULL
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     stages: list[tuple[str, float, str]] = []
@@ -42,109 +100,207 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
         print(f"[demo] {name}: {detail}", flush=True)
 
     t = time.perf_counter()
-    captions = caption_corpus(2000 if fast else 20000, seed)
-    corpus = out / "data" / "captions.txt"
-    corpus.parent.mkdir(parents=True, exist_ok=True)
-    corpus.write_text("\n".join(captions) + "\n", encoding="utf-8")
-    stage("toy-world captions", t, f"{len(captions)} captions, e.g. '{captions[0]}'")
+    world = write_toyworld(out / "world", scale.items_per_task, seed)
+    stage("toy world", t, f"{world['records']} records of {len(world['tasks'])} tasks -> {world['path']}")
 
     t = time.perf_counter()
-    tokenizer = train_text_tokenizer([corpus], out / "text_tokenizer", vocab_size=512)
-    pieces = len(tokenizer(captions[0], add_special_tokens=False)["input_ids"])
-    stage("text tokenizer", t, f"SentencePiece BPE, {len(tokenizer)} tokens; the first caption is {pieces} pieces")
+    corpus = out / "world" / "text.txt"
+    corpus.write_text("\n".join(_texts(Path(world["path"]), caption_corpus(2000, seed))) + "\n", encoding="utf-8")
+    text_tokenizer = train_text_tokenizer([corpus], out / "text_tokenizer", vocab_size=512)
+    stage("text tokenizer", t, f"SentencePiece BPE, {len(text_tokenizer)} tokens, on the world's text and captions")
+
+    t = time.perf_counter()
+    tokenizers, tokenizer_rows = _train_modality_tokenizers(out / "tokenizers", scale, seed)
+    stage("modality tokenizers", t, ", ".join(f"{r['modality']} {r['seconds']:.0f} s" for r in tokenizer_rows))
 
     t = time.perf_counter()
     spec = load_config(VocabSpec, CONFIGS / "vocab" / "toy.yaml")
     layout = VocabLayout.build(
-        len(tokenizer), spec.modality_ranges(), None, spec.registers, spec.pause, spec.spare, fingerprint(tokenizer)
+        len(text_tokenizer),
+        spec.modality_ranges(),
+        None,
+        spec.registers,
+        spec.pause,
+        spec.spare,
+        fingerprint(text_tokenizer),
     )
-    stage("vocab layout", t, f"{layout.total_size} ids in use, padded to {layout.padded_size}")
+    for name, tokenizer in tokenizers.items():
+        tokenizer.check_fits(layout.modality(name), f"the {name} tokenizer")
+    bundle = out / "bundle"
+    TokenizerBundle(layout, text_tokenizer, tokenizers).save(bundle)
+    stage("vocab layout", t, f"{layout.total_size} ids in use, padded to {layout.padded_size} -> {bundle}")
 
     t = time.perf_counter()
-    torch.manual_seed(seed)
-    config = ModelConfig.from_yaml(CONFIGS / "model" / ("tiny.yaml" if fast else "toy.yaml"))
-    model = MMLLM.from_config(config, layout, tokenizer).eval()
-    model.save_pretrained(out / "model")
-    stage("toy model", t, f"{model.config.num_parameters() / 1e6:.2f}M parameters -> {out / 'model'}")
+    report = pretokenize(read_jsonl(world["path"]), Path(world["path"]).parent, bundle, out / "shards", progress=False)
+    if report.skipped:
+        raise MMLLMError(f"pretokenize skipped {report.skipped} toy-world records: {report.failures[0]['error']}")
+    stage("pretokenize", t, f"{report.written} documents, {report.tokens:,} tokens -> {out / 'shards'}")
 
-    rng = np.random.default_rng(seed)
-    conversation = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "what is in this image?"},
-                {"type": "image", "codes": rng.integers(0, layout.modalities["image"].codebook_size, (8, 8))},
-            ],
-        },
-        {"role": "assistant", "content": captions[0]},
+    t = time.perf_counter()
+    run = out / "pretrain"
+    overrides = [
+        f"model={CONFIGS / 'model' / scale.model}",
+        f"vocab={bundle}",
+        f"out={run}",
+        "data.sources=" + json.dumps([{"path": str(out / "shards")}]),
+        f"seed={seed}",
+        *scale.pretrain_overrides,
     ]
-    encoded = encode_conversation(conversation, layout, tokenizer)
-    ids = torch.tensor([encoded.input_ids])
+    deepspeed_config = CONFIGS / "deepspeed" / "zero2.json"
+    command = ["pretrain", "--config", str(CONFIGS / "pretrain" / "toy.yaml"), "--deepspeed", str(deepspeed_config)]
+    launch_ranks([*command, *overrides], RANKS, out / "pretrain.log")
+    history = [json.loads(line) for line in (run / LOG_FILE).read_text().splitlines()]
+    steps = [r for r in history if "loss" in r]
+    curves = _loss_curves(steps)
+    plot_loss_curves(curves, out / "loss_curves.png", title=f"pretraining, {RANKS} ranks, ZeRO-2")
+    shutil.rmtree(out / "model", ignore_errors=True)
+    shutil.copytree(run / "model", out / "model")
+    stage(
+        "pretrain",
+        t,
+        f"{len(steps)} steps on {RANKS} ranks (ZeRO-2), loss {steps[0]['loss']:.2f} -> {steps[-1]['loss']:.2f}",
+    )
+
+    t = time.perf_counter()
+    model = MMLLM.from_pretrained(out / "model").eval()
+    shards = load_shards(out / "shards", layout)
+    example = next(row for row in shards if row["task"] == SHOWN_TASK)
+    ids = torch.tensor([example["input_ids"]])
+    checks = _parity_checks(model, ids, out)
+    from transformers import AutoTokenizer
+
+    named = AutoTokenizer.from_pretrained(str(out / "hf")).convert_ids_to_tokens(example["input_ids"])
+    stage("checkpoints and HF parity", t, f"max logit difference {max(d for _, d in checks):.1e}")
+
+    path = out / "report.md"
+    path.write_text(
+        _report(layout, model, named, stages, tokenizer_rows, curves, checks, time.perf_counter() - start),
+        encoding="utf-8",
+    )
+    return path
+
+
+def _texts(jsonl: Path, captions: list[str]) -> list[str]:
+    """Every text part of the world's conversations, then the captions: the tokenizer's corpus."""
+    texts = list(captions)
+    for record in read_jsonl(jsonl):
+        for message in record["messages"]:
+            content = message["content"]
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            texts += [p["text"] for p in parts if p["type"] == "text"]
+    return texts
+
+
+def _train_modality_tokenizers(root: Path, scale: DemoScale, seed: int):
+    """Train each modality's toy tokenizer from its config; score it on held-out items."""
+    tokenizers, rows = {}, []
+    for modality, config_name in TOKENIZER_CONFIGS.items():
+        overrides = [f"out={root / modality}", f"seed={seed}"]
+        if scale.tokenizer_steps is not None:
+            overrides.append(f"train.steps={scale.tokenizer_steps}")
+        if scale.tokenizer_items is not None:
+            overrides.append(f"data.num_items={scale.tokenizer_items}")
+        result = train_tokenizer(load_train_config(CONFIGS / "tokenizer" / config_name, overrides), False)
+        scores = evaluate_tokenizer(
+            result.tokenizer, held_out_items(modality, scale.tokenizer_eval_items), show_progress=False
+        )
+        tokenizers[modality] = result.tokenizer
+        rows.append(
+            {
+                "modality": modality,
+                "tokenizer": scores.name,
+                "steps": result.steps,
+                "seconds": result.seconds,
+                "tokens": scores.tokens_per_item,
+                "agreement": scores.metrics.get("oracle_agreement", float("nan")),
+            }
+        )
+    return tokenizers, rows
+
+
+def _loss_curves(steps: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{"all": [(step, loss)], "text": ..., "image": ...} from the training log."""
+    curves: dict[str, list[tuple[int, float]]] = {"all": [(r["step"], r["loss"]) for r in steps]}
+    for record in steps:
+        for key, value in record.items():
+            if key.startswith("loss/"):
+                curves.setdefault(key.removeprefix("loss/"), []).append((record["step"], value))
+    return curves
+
+
+def _parity_checks(model: MMLLM, ids: torch.Tensor, out: Path) -> list[tuple[str, float]]:
+    """Native reload, HF export, re-import and KV-cached decoding all give the trained model's logits."""
     with torch.no_grad():
         reference = model(ids).logits
-
     checks: list[tuple[str, float]] = []
 
-    def check(name: str, other: MMLLM) -> None:
-        with torch.no_grad():
-            diff = (other.eval()(ids).logits - reference).abs().max().item()
+    def check(name: str, logits: torch.Tensor) -> None:
+        diff = (logits - reference).abs().max().item()
         checks.append((name, diff))
         if diff > PARITY_TOLERANCE:
             raise DemoCheckFailed(f"{name}: logits differ by {diff:.2e} (> {PARITY_TOLERANCE})")
 
-    t = time.perf_counter()
-    check("native checkpoint reload", MMLLM.from_pretrained(out / "model"))
+    from transformers import AutoModelForCausalLM
+
     model.export_hf(out / "hf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf_model = AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
     with torch.no_grad():
-        hf_diff = (hf_model(ids).logits - reference).abs().max().item()
-    checks.append(("transformers AutoModelForCausalLM on the export", hf_diff))
-    if hf_diff > PARITY_TOLERANCE:
-        raise DemoCheckFailed(f"HF export: logits differ by {hf_diff:.2e}")
-    check("re-import of the HF export", MMLLM.from_pretrained(out / "hf"))
-    hf_tokens = AutoTokenizer.from_pretrained(str(out / "hf")).convert_ids_to_tokens(encoded.input_ids)
-    stage("checkpoints and HF parity", t, f"max logit difference {max(d for _, d in checks):.1e}")
-
-    t = time.perf_counter()
-    cache = model.new_kv_cache()
-    with torch.no_grad():
+        check("native checkpoint reload", MMLLM.from_pretrained(out / "model").eval()(ids).logits)
+        check(
+            "transformers AutoModelForCausalLM on the export",
+            AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()(ids).logits,
+        )
+        check("re-import of the HF export", MMLLM.from_pretrained(out / "hf").eval()(ids).logits)
+        cache = model.new_kv_cache()
         prefill = model(ids[:, :-8], kv_cache=cache).logits
-        steps = [model(ids[:, i : i + 1], kv_cache=cache).logits for i in range(ids.shape[1] - 8, ids.shape[1])]
-    cached = torch.cat([prefill, *steps], dim=1)
-    cache_diff = (cached - reference).abs().max().item()
-    checks.append(("KV-cached decoding (8 steps) vs full forward", cache_diff))
-    if cache_diff > PARITY_TOLERANCE:
-        raise DemoCheckFailed(f"KV cache: logits differ by {cache_diff:.2e}")
-    stage("KV cache", t, f"8 cached steps match the full forward ({cache_diff:.1e})")
-
-    report = out / "report.md"
-    report.write_text(
-        _report(layout, model, encoded.input_ids, hf_tokens, stages, checks, time.perf_counter() - start),
-        encoding="utf-8",
-    )
-    return report
+        decoded = [model(ids[:, i : i + 1], kv_cache=cache).logits for i in range(ids.shape[1] - 8, ids.shape[1])]
+        check("KV-cached decoding (8 steps) vs full forward", torch.cat([prefill, *decoded], dim=1))
+    return checks
 
 
-def _elide_span(tokens: list[str], begin: str, end: str, keep: int = 3) -> list[str]:
-    """The tokens with a long span shortened to its first few codes, '...', and its last."""
-    start, stop = tokens.index(begin), tokens.index(end)
-    if stop - start - 1 <= keep + 1:
-        return tokens
-    hidden = stop - start - 1 - keep - 1
-    return [*tokens[: start + 1 + keep], f"...({hidden} more)", *tokens[stop - 1 :]]
+def _elide_spans(tokens: list[str], keep: int = 3) -> list[str]:
+    """The tokens with each long modality span (`<|bo?|> ... <|eo?|>`) cut to its first few codes."""
+    shown: list[str] = []
+    span: list[str] | None = None
+    for token in tokens:
+        if span is None:
+            shown.append(token)
+            if token.startswith("<|bo") and token.endswith("|>"):
+                span = []
+        elif token.startswith("<|eo") and token.endswith("|>"):
+            hidden = len(span) - keep - 1
+            shown += [*span[:keep], f"...({hidden} more)", span[-1]] if hidden > 0 else span
+            shown.append(token)
+            span = None
+        else:
+            span.append(token)
+    return shown
 
 
-def _report(layout, model, input_ids, hf_tokens, stages, checks, seconds) -> str:
+def _report(layout, model, tokens, stages, tokenizer_rows, curves, checks, seconds) -> str:
     lines = ["# mmllm demo report", "", f"Wall time: {seconds:.1f} s.", "", "## Stages", ""]
     lines += ["| stage | seconds | result |", "|---|---|---|"]
     lines += [f"| {name} | {secs:.1f} | {detail} |" for name, secs, detail in stages]
-    lines += ["", "## Vocabulary layout", "", "```", layout.describe(), "```", ""]
-    lines += ["## A conversation through the chat template", ""]
-    lines += [f"{len(input_ids)} ids, as the exported HF tokenizer names them (image codes elided):", ""]
-    lines += ["```", " ".join(_elide_span(hf_tokens, "<|boi|>", "<|eoi|>")), "```", ""]
-    lines += ["## Checks (max absolute logit difference, fp32)", "", "| check | max diff |", "|---|---|"]
+    lines += ["", "## Modality tokenizers (round trip on held-out toy items, read by the oracles)", ""]
+    lines += [
+        "| modality | tokenizer | steps | seconds | tokens/item | oracle agreement |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['modality']} | {r['tokenizer']} | {r['steps']} | {r['seconds']:.0f} | {r['tokens']:.0f} "
+        f"| {r['agreement']:.1%} |"
+        for r in tokenizer_rows
+    ]
+    lines += ["", "## Pretraining loss per modality (token-mean cross-entropy, nats)", ""]
+    lines += ["| modality | first step | last step | change |", "|---|---|---|---|"]
+    for name, points in curves.items():
+        first, last = points[0][1], points[-1][1]
+        lines.append(f"| {name} | {first:.3f} | {last:.3f} | {last - first:+.3f} |")
+    lines += ["", "![loss curves](loss_curves.png)", ""]
+    lines += ["## Vocabulary layout", "", "```", layout.describe(), "```", ""]
+    lines += [f"## A {SHOWN_TASK} document, as the exported HF tokenizer names its ids", ""]
+    lines += [f"{len(tokens)} ids (long modality spans elided):", "", "```", " ".join(_elide_spans(tokens)), "```", ""]
+    lines += ["## Checks on the trained model (max absolute logit difference, fp32)", ""]
+    lines += ["| check | max diff |", "|---|---|"]
     lines += [f"| {name} | {diff:.1e} |" for name, diff in checks]
     lines += ["", f"Model: {model.config.num_parameters():,} parameters, {model.config.num_hidden_layers} layers.", ""]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mmllm.training.config import load_pretrain_config
-from mmllm.training.loop import train
+from mmllm.training.loop import shutdown_distributed, train
 from mmllm.training.objectives import next_token, register_objective
 
 SLOW_AFTER = int(os.environ.get("SLOW_AFTER", "0"))
@@ -72,6 +72,7 @@ def main() -> None:
         losses = {r["step"]: r["loss"] for r in result.history}
         with open(out, "w") as f:
             json.dump({"losses": losses, "fingerprints": everyone, "nonfinite": result.nonfinite_skipped}, f)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -107,13 +107,23 @@ def test_bench_model_reports_both_and_the_ratio(capsys, tmp_path):
     assert "ratio mmllm / HF" in stdout
 
 
-def test_demo_fast_leaves_a_servable_model_and_report(capsys, tmp_path):
-    code, _, err = run(capsys, "demo", "--fast", "--out", str(tmp_path / "demo"))
+def test_demo_fast_pretrains_on_two_ranks_and_reports_falling_losses(capsys, tmp_path):
+    out = tmp_path / "demo"
+    code, _, err = run(capsys, "demo", "--fast", "--out", str(out))
     assert code == 0, err
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "transformers AutoModelForCausalLM on the export" in report
-    model = MMLLM.from_pretrained(tmp_path / "demo" / "model")
+    report = (out / "report.md").read_text()
+    assert "transformers AutoModelForCausalLM on the export" in report and "![loss curves](loss_curves.png)" in report
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
+    for modality in ("text", "image", "audio", "video", "action"):
+        losses = [r[f"loss/{modality}"] for r in records if f"loss/{modality}" in r]
+        assert len(losses) > 10, modality
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, modality  # falls by half a nat at least
+    state = json.loads((out / "pretrain" / "checkpoints" / "step-000040" / "trainer_state.json").read_text())
+    assert len(state["ranks"]) == 2  # each rank saved its RNG state: a real 2-rank run
+    model = MMLLM.from_pretrained(out / "model")
     assert model.layout is not None and model.text_tokenizer is not None
+    assert set(model.modality_tokenizers) == {"image", "audio", "video", "action"}
 
 
 # ---------------------------------------------------------------------- bad input: one line each

@@ -91,6 +91,18 @@ def setup_distributed() -> torch.device:
     return torch.device("cpu")
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group once every rank is done with it.
+
+    Call it after a run that succeeded: a gloo group left for interpreter shutdown can abort a
+    rank with "terminate called without an active exception" while its worker threads still
+    hold tensors. After an error, skip it: the other ranks may be inside a collective.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
