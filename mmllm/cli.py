@@ -10,6 +10,7 @@
     mmllm pretokenize        records -> Arrow shards of token ids (offline, sharded, resumable)
     mmllm pretrain           the DeepSpeed pretraining loop (also `deepspeed train/pretrain.py`)
     mmllm bench model        our backbone against transformers' Llama, forward + backward
+    mmllm bench train        our training loop against transformers' Trainer and a raw torch loop
     mmllm bench tokenizers   train, score and time the toy tokenizers
     mmllm demo               the end-to-end pipeline on the embedded toy world
 
@@ -82,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--pause", type=int, help="pause token slots (default 4)")
     build.add_argument("--spare", type=int, help="spare special slots (default 32)")
     build.add_argument(
+        "--tokenizer",
+        action="append",
+        default=[],
+        metavar="MODALITY=DIR",
+        help="a trained modality tokenizer to put in the bundle (tokenizers/MODALITY/ beside the layout); "
+        "checked against its range; repeatable",
+    )
+    build.add_argument(
         "--out", required=True, help="path of vocab_layout.json (the text tokenizer is copied beside it)"
     )
     build.set_defaults(handler=cmd_vocab_build)
@@ -148,6 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench_model.add_argument("--warmup", type=int, default=1)
     bench_model.add_argument("--out", help="also write the result as JSON")
     bench_model.set_defaults(handler=cmd_bench_model)
+    bench_train = bench_commands.add_parser(
+        "train", help="useful tokens/s: our loop vs transformers' Trainer (padded, length-grouped) and a raw loop"
+    )
+    bench_train.add_argument("--model", help="model config YAML (default: configs/model/toy.yaml)")
+    bench_train.add_argument(
+        "--steps",
+        type=int,
+        default=200,
+        help="timed optimizer steps per contender (default 200: from there HF groups lengths as in a long run)",
+    )
+    bench_train.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones (default 3)")
+    bench_train.add_argument("--seq-len", type=int, help="packed row length (default: configs/pretrain/toy.yaml's)")
+    bench_train.add_argument("--batch", type=int, help="packed rows per step (default: configs/pretrain/toy.yaml's)")
+    bench_train.add_argument("--data", help="pretokenized shard dir (default: a toy world built in a temp dir)")
+    bench_train.add_argument("--vocab", help="with --data: the tokenizer bundle the shards were written with")
+    bench_train.add_argument("--threads", type=int, help="torch threads of every contender (default: the toy run's)")
+    bench_train.add_argument("--toy-items", type=int, help="without --data: items per toy task (default 40)")
+    bench_train.add_argument("--only", help="comma-separated contenders: mmllm,hf-padded,hf-grouped,raw")
+    bench_train.add_argument("--out", help="also write the result as JSON")
+    bench_train.set_defaults(handler=cmd_bench_train)
     bench_tok = bench_commands.add_parser("tokenizers", help="train, score and time the toy tokenizers on CPU")
     bench_tok.add_argument("--only", help="comma-separated: image,video,speech,image-1d,action-bins,...")
     bench_tok.add_argument(
@@ -178,7 +207,9 @@ def cmd_vocab_train_text(args: argparse.Namespace) -> None:
 
 def cmd_vocab_build(args: argparse.Namespace) -> None:
     from mmllm.config import load_config
+    from mmllm.model.mmllm import MODALITY_TOKENIZERS_DIR, TEXT_TOKENIZER_DIR
     from mmllm.text_tokenizer import fingerprint, load_text_tokenizer
+    from mmllm.tokenizers import load_tokenizer
     from mmllm.vocab import VocabLayout, VocabSpec, parse_modality
 
     spec = load_config(VocabSpec, args.config) if args.config else VocabSpec()
@@ -190,6 +221,14 @@ def cmd_vocab_build(args: argparse.Namespace) -> None:
     if not modalities:
         raise MMLLMError("no modalities: give --modality NAME=N (repeatable) or --config")
     tokenizer = load_text_tokenizer(args.text_tokenizer)
+    modality_tokenizers = {}
+    for item in args.tokenizer:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise MMLLMError(f"--tokenizer {item!r}: expected MODALITY=DIR")
+        if name not in modalities:
+            raise MMLLMError(f"--tokenizer {name}: the layout has no {name} range (it has {', '.join(modalities)})")
+        modality_tokenizers[name] = load_tokenizer(directory)
     base_rows = args.base_rows if args.base_rows is not None else spec.base_rows
     if base_rows is None:
         base_rows = _embedding_rows(Path(args.text_tokenizer))
@@ -206,12 +245,16 @@ def cmd_vocab_build(args: argparse.Namespace) -> None:
         num_spare=args.spare if args.spare is not None else spec.spare,
         text_tokenizer_fingerprint=fingerprint(tokenizer),
     )
+    for name, modality_tokenizer in modality_tokenizers.items():
+        modality_tokenizer.check_fits(layout.modality(name), f"--tokenizer {name}")
     out = Path(args.out)
     if out.suffix != ".json":
         out = out / "vocab_layout.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     layout.save(out)
-    tokenizer.save_pretrained(str(out.parent / "text_tokenizer"))
+    tokenizer.save_pretrained(str(out.parent / TEXT_TOKENIZER_DIR))
+    for name, modality_tokenizer in modality_tokenizers.items():
+        modality_tokenizer.save_pretrained(out.parent / MODALITY_TOKENIZERS_DIR / name)
     print(layout.describe())
     print(f"-> {out}")
 
@@ -265,6 +308,27 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     result = bench_model(config, args.batch, args.seq, args.repeats, args.warmup)
     result["config"] = args.config
     print(format_model_bench(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from mmllm.bench.train import bench_train, format_train_bench
+
+    result = bench_train(
+        args.model,
+        steps=args.steps,
+        warmup=args.warmup,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        data=args.data,
+        vocab=args.vocab,
+        only=args.only.split(",") if args.only else None,
+        threads=args.threads,
+        toy_items=args.toy_items,
+        progress=not args.quiet,
+    )
+    print(format_train_bench(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
@@ -344,6 +408,7 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from mmllm.training.config import load_pretrain_config
+    from mmllm.training.launch import end_rank
     from mmllm.training.loop import shutdown_distributed, train
 
     config = load_pretrain_config(args.config, args.overrides)
@@ -351,6 +416,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     shutdown_distributed()
     if result.rank == 0:
         print(f"pretrained {result.steps} steps, final loss {result.final_loss:.4f} -> {result.model_dir}")
+    end_rank()
 
 
 def cmd_bench_tokenizers(args: argparse.Namespace) -> None:

@@ -75,7 +75,7 @@ FULL = DemoScale(
     tokenizer_items=None,
     tokenizer_eval_items=200,
     model="toy.yaml",
-    pretrain_overrides=(),
+    pretrain_overrides=("steps=300",),  # 300 steps x 8k tokens = 2.5M tokens, a fraction of toy.yaml's 1000
 )
 TOKENIZER_CONFIGS = {  # modality -> the config that trains its toy tokenizer
     "image": "image_toy.yaml",

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mmllm.training.config import load_pretrain_config
+from mmllm.training.launch import end_rank
 from mmllm.training.loop import shutdown_distributed, train
 from mmllm.training.objectives import next_token, register_objective
 
@@ -73,6 +74,7 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"losses": losses, "fingerprints": everyone, "nonfinite": result.nonfinite_skipped}, f)
     shutdown_distributed()
+    end_rank()
 
 
 if __name__ == "__main__":

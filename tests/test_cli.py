@@ -65,6 +65,25 @@ def test_vocab_build_from_config(capsys, tmp_path, text_tokenizer_dir):
     assert set(json.loads(out.read_text())["modalities"]) == {"image", "audio", "video", "action"}
 
 
+def test_vocab_build_bundles_modality_tokenizers_that_fit(capsys, tmp_path, text_tokenizer_dir):
+    from mmllm.data.pretokenize import TokenizerBundle
+    from mmllm.tokenizers import load_tokenizer
+
+    load_tokenizer("action-bins").save_pretrained(tmp_path / "bins256")
+    load_tokenizer("action-bins", bins=128).save_pretrained(tmp_path / "bins128")
+    toy = str(REPO / "configs" / "vocab" / "toy.yaml")
+    out = tmp_path / "bundle" / "vocab_layout.json"
+    build_layout(capsys, text_tokenizer_dir, out, "--config", toy, "--tokenizer", f"action={tmp_path / 'bins256'}")
+    bundle = TokenizerBundle.load(out.parent)
+    assert set(bundle.modality_tokenizers) == {"action"}
+    # a tokenizer whose codebook does not match its range is refused before anything is written
+    code, _, err = run(
+        capsys, "vocab", "build", "--text-tokenizer", str(text_tokenizer_dir), "--config", toy,
+        "--tokenizer", f"action={tmp_path / 'bins128'}", "--out", str(tmp_path / "bad" / "vocab_layout.json"),
+    )  # fmt: skip
+    assert code == 2 and "codebook_size" in err and not (tmp_path / "bad").exists()
+
+
 def test_convert_from_hf_with_layout_then_to_hf(capsys, tmp_path, hf_dir, text_tokenizer_dir):
     layout_path = tmp_path / "layout" / "vocab_layout.json"
     build_layout(capsys, text_tokenizer_dir, layout_path, "--modality", "image=64")

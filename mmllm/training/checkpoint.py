@@ -9,10 +9,18 @@
 Every rank writes into `.step-000100.tmp/`; after a barrier rank 0 renames it into place and
 then updates `latest` (write + rename). A crash at any point leaves the previous checkpoint
 and `latest` intact. Only the newest `keep_last` step checkpoints are kept.
+
+Resuming on another number of ranks: under ZeRO-1/2/3 each rank saved only its partition of
+the fp32 weights and Adam moments. Rank 0 then converts `deepspeed/` into a DeepSpeed universal
+checkpoint (one file per parameter and state, `deepspeed.checkpoint.ds_to_universal`) beside the
+checkpoint, the engine (built with `checkpoint.load_universal`) repartitions it for the new
+ranks, and the conversion is deleted. Weights, moments, Adam's step and the LR schedule carry
+over exactly. A ZeRO-0 checkpoint holds the whole optimizer once, so any number of ranks loads it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -31,6 +39,7 @@ STATE_FILE = "trainer_state.json"
 MODEL_DIR = "model"
 ENGINE_DIR = "deepspeed"
 ENGINE_TAG = "state"
+PARTITIONED_OPTIMIZER_FILES = "*_optim_states.pt"  # DeepSpeed's per-rank ZeRO optimizer partitions
 
 
 def checkpoint_name(step: int) -> str:
@@ -86,7 +95,7 @@ def save_checkpoint(engine, model, out: Path, step: int, trainer_state: dict[str
         states = [mine]
     _save_model(engine, model, tmp / MODEL_DIR)
     if rank == 0:
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "ranks": states}) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "world_size": world, "ranks": states}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_latest(root, final.name)
@@ -130,9 +139,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path
 
 
+def needs_universal_load(path: Path, world: int) -> bool:
+    """Whether checkpoint `path` holds ZeRO optimizer partitions of another number of ranks."""
+    state = json.loads((path / STATE_FILE).read_text())
+    saved_world = state.get("world_size", len(state["ranks"]))
+    partitioned = any((path / ENGINE_DIR / ENGINE_TAG).glob(PARTITIONED_OPTIMIZER_FILES))
+    return partitioned and saved_world != world
+
+
 def load_checkpoint(engine, path: Path) -> dict[str, Any]:
     """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; returns the trainer state."""
-    load_path, _ = engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG)
+    if engine.load_universal_checkpoint():
+        load_path = _load_universal(engine, path)
+    else:
+        load_path, _ = engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load its engine state")
     state = json.loads((path / STATE_FILE).read_text())
@@ -141,6 +161,52 @@ def load_checkpoint(engine, path: Path) -> dict[str, Any]:
     if rank < len(ranks):  # resuming on more ranks than saved: the new ranks keep their seeded RNG
         set_rng_state(ranks[rank]["rng"])
     return state
+
+
+def _load_universal(engine, path: Path) -> str | None:
+    """Convert `path`'s engine state to a universal checkpoint (rank 0), load it, delete it."""
+    universal = path.parent / f".{path.name}.universal"
+    if _rank() == 0:
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        shutil.rmtree(universal, ignore_errors=True)  # a leftover of a crashed resume
+        universal.mkdir()
+        ds_to_universal(
+            argparse.Namespace(
+                input_folder=str(path / ENGINE_DIR / ENGINE_TAG),
+                output_folder=str(universal / ENGINE_TAG),
+                num_extract_workers=1,  # 1: in this process; no worker processes inside a rank
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,  # our engine does not record universal-checkpoint metadata
+            )
+        )
+    _barrier()
+    load_path, _ = engine.load_checkpoint(str(universal), tag=ENGINE_TAG)
+    if engine.zero_optimization_partition_weights():
+        _repair_zero3_universal_load(engine)
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(universal)
+    return load_path
+
+
+def _repair_zero3_universal_load(engine) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load, so the run continues exactly.
+
+    It gives every AdamW group the first group's hyperparameters, so frozen groups (learning
+    rate 0) would move for a step: each group gets its learning rate back from the restored
+    schedule (weight decay is set per stage by the loop's FreezePlan after loading; betas and eps
+    are the same in every group). And it hands all groups one shared `step` tensor, which AdamW
+    increments in place once per group, so Adam's bias correction would run ahead: each group
+    gets its own copy.
+    """
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _rank() -> int:

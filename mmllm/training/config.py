@@ -40,6 +40,29 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+# What a freeze stage can name as trainable: "all"; "new_rows", the embedding and LM-head rows of
+# the ids the vocab layout added (special tokens and modality codes, ids >= layout.base_rows);
+# "embeddings" and "head", those whole matrices (one tensor when tied); "norms", every RMSNorm
+# weight; "layers", everything inside the decoder layers (attention, MLP and their norms).
+TRAIN_SELECTORS = ("all", "new_rows", "embeddings", "head", "norms", "layers")
+
+
+@dataclass
+class StageConfig:
+    """One freeze stage: for `steps` optimizer steps only the parts named in `train` learn.
+
+    Anole's recipe on an imported model is `[{steps: 500, train: [new_rows, norms]}, {train: all}]`:
+    first fit the new vocabulary rows (and the norms) to the frozen text model, then train it all.
+    """
+
+    steps: int | None = None  # None: until the end of the run (last stage only)
+    train: str | tuple[str, ...] = ("all",)  # TRAIN_SELECTORS; a plain string names one
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = (self.train,)
+
+
 @dataclass
 class PretrainConfig:
     model: str = "configs/model/toy.yaml"  # a model config YAML (a fresh model) or a checkpoint dir
@@ -50,6 +73,9 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     objectives: tuple[str, ...] = ("next_token",)
     steps: int = 1000
+    # Freeze stages, in order, covering all `steps` (empty: everything trains throughout). The
+    # stage of a step follows from the step alone, so a resumed run picks up in the right stage.
+    stages: tuple[StageConfig, ...] = ()
     micro_batch_size: int = 8  # rows per rank per forward
     gradient_accumulation_steps: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 needs a GPU
@@ -77,6 +103,31 @@ class PretrainConfig:
         if not self.vocab and not Path(self.model).is_dir():
             raise ConfigError("pretrain config: give `vocab` (a tokenizer bundle) to build a fresh model for")
         self.data.packing.check()
+        self._check_stages()
+
+    def _check_stages(self) -> None:
+        for index, stage in enumerate(self.stages):
+            where = f"pretrain config: stages[{index}]"
+            if stage.steps is None and index != len(self.stages) - 1:
+                raise ConfigError(f"{where}: only the last stage may leave out `steps` (it runs to the end)")
+            if stage.steps is not None and stage.steps < 1:
+                raise ConfigError(f"{where}: steps must be at least 1, got {stage.steps}")
+            if not stage.train:
+                raise ConfigError(f"{where}: `train` names nothing; a stage must train something")
+            for selector in stage.train:
+                if selector not in TRAIN_SELECTORS:
+                    raise ConfigError(
+                        f"{where}: unknown trainable part '{selector}'; choose from {', '.join(TRAIN_SELECTORS)}"
+                    )
+        covered = sum(stage.steps or 0 for stage in self.stages)
+        open_ended = bool(self.stages) and self.stages[-1].steps is None
+        if self.stages and (covered > self.steps or (covered < self.steps and not open_ended)):
+            raise ConfigError(
+                f"pretrain config: the stages cover {covered} steps but the run has {self.steps}; "
+                "make them add up, or leave out the last stage's `steps` to run it to the end"
+            )
+        if open_ended and covered == self.steps:
+            raise ConfigError("pretrain config: the last stage, which runs to the end, gets no steps")
 
 
 def load_pretrain_config(path: str | Path | None, overrides=()) -> PretrainConfig:

@@ -18,17 +18,22 @@ run stops after `max_nonfinite` in a row.
 
 Resume (`--resume`) restores the engine (weights, optimizer, LR schedule), RNG states, and the
 data position: packing is deterministic, so the rows already trained on are regenerated and
-skipped.
+skipped. The position counts global rows, so a run may resume on another number of ranks
+(`mmllm.training.checkpoint`); with micro-batch x accumulation x ranks unchanged, its steps see
+the same rows.
+
+Freeze stages (`stages:` in the YAML, `FreezePlan`) train only some parts for a number of steps:
+Anole's recipe trains the new vocabulary rows and the norms of an imported model first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,14 +48,18 @@ from tqdm import tqdm
 from mmllm.config import to_dict
 from mmllm.data.packing import Mixture, PackedRow, Packer
 from mmllm.data.pretokenize import ShardDocuments, TokenizerBundle, load_shards
-from mmllm.errors import ConfigError, MMLLMError
+from mmllm.errors import CheckpointError, ConfigError, MMLLMError
+from mmllm.model.backbone import RMSNorm
 from mmllm.model.config import ModelConfig
 from mmllm.model.mmllm import MMLLM
 from mmllm.model.weights import atomic_directory
-from mmllm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mmllm.training.config import PretrainConfig
-from mmllm.training.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
+from mmllm.training.checkpoint import latest_checkpoint, load_checkpoint, needs_universal_load, save_checkpoint
+from mmllm.training.config import PretrainConfig, StageConfig
+from mmllm.training.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config, zero_stage
+from mmllm.training.launch import free_port
 from mmllm.training.objectives import get_objective
+
+logger = logging.getLogger(__name__)
 
 LOG_FILE = "log.jsonl"
 ROW_FIELDS = ("input_ids", "labels", "position_ids", "document_ids", "loss_weights", "modality")
@@ -79,16 +88,34 @@ def setup_distributed() -> torch.device:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     if "RANK" not in os.environ:  # plain `python train/pretrain.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        if not cuda:
+            _unlink_shared_memory_buffer()
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def _unlink_shared_memory_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
+
+    Under the launcher, DeepSpeed's CPU backend creates one 69 MB shared-memory buffer per rank
+    (named after MASTER_ADDR, MASTER_PORT and the rank), maps every rank's, and never unlinks
+    them: each run left its buffers in /dev/shm until the machine ran out of memory. Once every
+    rank is past `init_distributed` (the barrier), all of them are mapped, so the names can go;
+    the memory is then freed when the ranks exit, even after kill -9.
+    """
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{dist.get_rank()}"
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def shutdown_distributed() -> None:
@@ -101,12 +128,6 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- model, optimizer, schedule
@@ -133,13 +154,11 @@ def build_model(config: PretrainConfig) -> MMLLM:
     return model
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: matrices decay, vectors (norms, biases) do not (GPT-3, LLaMA)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def initial_model(config: PretrainConfig) -> MMLLM:
+    """The model a run starts from (seeded as `train` seeds it), so tests can compare against it."""
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    return build_model(config)
 
 
 def lr_factor(step: int, config: PretrainConfig) -> float:
@@ -149,6 +168,121 @@ def lr_factor(step: int, config: PretrainConfig) -> float:
         return (step + 1) / optim.warmup_steps
     progress = min(1.0, (step - optim.warmup_steps) / max(1, config.steps - optim.warmup_steps))
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------- freeze stages
+
+FULL, ROWS, FROZEN = "full", "rows", "frozen"  # how much of a tensor learns in a stage
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class FreezePlan:
+    """Which tensors (or rows) learn in each stage, and the AdamW groups that make it exact.
+
+    Every parameter keeps `requires_grad`, so DeepSpeed's ZeRO partitions and hooks stay as they
+    were built; freezing acts on gradients and on the optimizer instead. Parameters are grouped
+    by their status in every stage (and by weight decay), so each group is frozen or not as a
+    whole:
+
+    - a frozen tensor's gradient is zeroed (it adds nothing to the clipping norm) and its group's
+      learning rate is 0 for the stage, which leaves it bit-identical whatever its Adam moments
+      from an earlier stage or its weight decay;
+    - "new_rows" is a row slice of the embedding and head (the same tensor when tied). A hook
+      zeroes the gradient of the rows below `layout.base_rows`; the group's weight decay is 0 for
+      the stage (AdamW would shrink the frozen rows otherwise), and when the stage begins the
+      frozen rows' Adam moments are reset (they may hold momentum from an earlier stage). Zero
+      gradient and zero moments make AdamW's update of those rows exactly 0. The new rows are
+      therefore not decayed during such a stage either.
+
+    Without `stages` the whole run is one "all" stage: two groups, no hooks.
+    """
+
+    def __init__(self, model: MMLLM, config: PretrainConfig) -> None:
+        self.stages = config.stages or (StageConfig(train=("all",)),)
+        self.starts = [0]
+        for stage in self.stages[:-1]:
+            self.starts.append(self.starts[-1] + stage.steps)
+        self.frozen_rows = model.layout.base_rows  # the rows the base model had: text (+ its padding)
+        self.row_width = model.config.hidden_size
+        self.params = [p for p in model.parameters() if p.requires_grad]  # tied weights once
+        vocab = {id(model.model.embed_tokens.weight), id(model.lm_head.weight)}
+        whole = {
+            "all": {id(p) for p in self.params},
+            "embeddings": {id(model.model.embed_tokens.weight)},
+            "head": {id(model.lm_head.weight)},
+            "norms": {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()},
+            "layers": {id(p) for p in model.model.layers.parameters()},
+        }
+
+        def status(param: torch.nn.Parameter, stage: StageConfig) -> str:
+            if any(id(param) in whole[name] for name in stage.train if name in whole):
+                return FULL
+            return ROWS if "new_rows" in stage.train and id(param) in vocab else FROZEN
+
+        self.status = [tuple(status(p, stage) for stage in self.stages) for p in self.params]
+        self.current = 0  # the stage being trained; the gradient hooks read it
+        self.groups: list[dict[str, Any]] = []
+        self.group_status: list[tuple[str, ...]] = []
+        self.group_decay: list[float] = []
+        keys: dict[tuple[bool, tuple[str, ...]], int] = {}
+        for param, statuses in zip(self.params, self.status, strict=True):
+            decays = param.ndim >= 2  # AdamW decays matrices, not norms and biases (GPT-3, LLaMA)
+            key = (decays, statuses)
+            if key not in keys:
+                keys[key] = len(self.groups)
+                decay = config.optim.weight_decay if decays else 0.0
+                self.groups.append({"params": [], "weight_decay": decay})
+                self.group_status.append(statuses)
+                self.group_decay.append(decay)
+            self.groups[keys[key]]["params"].append(param)
+        for index, (param, statuses) in enumerate(zip(self.params, self.status, strict=True)):
+            if any(s != FULL for s in statuses):
+                param.register_hook(self._gradient_mask(index))
+
+    def stage_at(self, step: int) -> int:
+        """The stage that trains optimizer step `step` (0-based); past the end, the last one."""
+        return max(i for i, start in enumerate(self.starts) if start <= step)
+
+    def lr_scale(self, group: int, step: int) -> float:
+        return 0.0 if self.group_status[group][self.stage_at(step)] == FROZEN else 1.0
+
+    def _gradient_mask(self, index: int):
+        def mask(grad: torch.Tensor) -> torch.Tensor | None:
+            status = self.status[index][self.current]
+            if status == FULL:
+                return None
+            if status == FROZEN:
+                return torch.zeros_like(grad)  # not grad * 0: a NaN gradient would stay NaN
+            kept = grad.clone()
+            kept[: self.frozen_rows] = 0
+            return kept
+
+        return mask
+
+    def enter(self, stage: int, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Start training `stage` at `step` (also on resume): decay and moments as described above."""
+        self.current = stage
+        for group, statuses, decay in zip(optimizer.param_groups, self.group_status, self.group_decay, strict=True):
+            group["weight_decay"] = 0.0 if statuses[stage] == ROWS else decay
+        if step > 0:  # before the first step every moment is still zero
+            for param, statuses in zip(self.params, self.status, strict=True):
+                if statuses[stage] == ROWS:
+                    self._reset_frozen_row_moments(param, optimizer)
+        if len(self.stages) > 1:
+            logger.info("step %d: stage %d trains %s", step, stage, ", ".join(self.stages[stage].train))
+
+    def _reset_frozen_row_moments(self, param: torch.nn.Parameter, optimizer: torch.optim.Optimizer) -> None:
+        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+        frozen = self.frozen_rows * self.row_width
+        partitioned = hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")  # ZeRO-3, or ZeRO-1/2 and bf16
+        for key in ADAM_MOMENTS:
+            if partitioned:  # a collective: every rank gathers the full state, keeps its own part
+                full = safe_get_full_optimizer_state(param, key)
+                full.view(-1)[:frozen] = 0
+                safe_set_full_optimizer_state(param, full, key)
+            else:
+                optimizer.state[param][key].view(-1)[:frozen] = 0
 
 
 # ---------------------------------------------------------------- data
@@ -210,32 +344,43 @@ def train(
         raise ConfigError("precision bf16 needs a GPU; use fp32 on CPU")
     resolved = resolve_deepspeed_config(load_deepspeed_config(deepspeed_config), config, world)
     objectives = [get_objective(name) for name in config.objectives]
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
+    out = Path(config.out)
+    found = latest_checkpoint(out) if resume else None
+    if found is not None and needs_universal_load(found, world):
+        if zero_stage(resolved) == 0:
+            raise CheckpointError(
+                f"{found} holds ZeRO-partitioned optimizer state of another number of ranks; "
+                "resume it with a ZeRO-1/2/3 DeepSpeed config"
+            )
+        # The engine reads the optimizer state from a universal checkpoint (load_checkpoint).
+        resolved["checkpoint"] = {**resolved.get("checkpoint", {}), "load_universal": True}
 
-    model = build_model(config)
+    model = initial_model(config)
     modality_names = tuple(model.layout.modalities)
     stream = RowStream(config, model)
     validation = validation_rows(config, model)
+    plan = FreezePlan(model, config)
     if config.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.optim.weight_decay),
+        plan.groups,
         lr=config.optim.lr,
         betas=config.optim.betas,
         eps=config.optim.eps,
         fused=device.type == "cuda",
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    schedules = [
+        lambda step, group=group: lr_factor(step, config) * plan.lr_scale(group, step)
+        for group in range(len(plan.groups))
+    ]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=resolved)
-    out = Path(config.out)
     step, nonfinite_total, nonfinite_run = 0, 0, 0
-    if resume:
-        found = latest_checkpoint(out)
-        if found is not None:
-            state = load_checkpoint(engine, found)
-            step, nonfinite_total = state["step"], state["nonfinite_skipped"]
-            stream.skip(state["rows_consumed"])
+    if found is not None:
+        state = load_checkpoint(engine, found)
+        step, nonfinite_total = state["step"], state["nonfinite_skipped"]
+        stream.skip(state["rows_consumed"])
+    plan.enter(plan.stage_at(step), step, optimizer)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"pretrain": to_dict(config), "deepspeed": resolved}, indent=1))
@@ -245,6 +390,8 @@ def train(
     history: list[dict[str, Any]] = []
     last_loss = float("nan")
     while step < config.steps:
+        if plan.stage_at(step) != plan.current:
+            plan.enter(plan.stage_at(step), step, optimizer)
         started = time.perf_counter()
         global_rows = stream.take(rows_per_micro * world * config.gradient_accumulation_steps)
         micro_batches = [
@@ -291,6 +438,7 @@ def train(
     bar.close()
     if validation:
         log.write({"step": step, "val_loss": evaluate(engine, validation, device, objectives, modality_names)})
+    log.close()
     final = save_checkpoint(engine, model, out, step, _state(step, stream, nonfinite_total), config.keep_last)
     model_dir = out / "model"
     if rank == 0:
@@ -416,6 +564,10 @@ class _Logger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()  # flushes the event file
 
 
 def _grad_norm(engine) -> float | None:
