@@ -228,6 +228,8 @@ def cmd_vocab_build(args: argparse.Namespace) -> None:
             raise MMLLMError(f"--tokenizer {item!r}: expected MODALITY=DIR")
         if name not in modalities:
             raise MMLLMError(f"--tokenizer {name}: the layout has no {name} range (it has {', '.join(modalities)})")
+        if not Path(directory).is_dir():
+            raise MMLLMError(f"--tokenizer {name}: {directory} is not a dir (give a saved tokenizer's dir)")
         modality_tokenizers[name] = load_tokenizer(directory)
     base_rows = args.base_rows if args.base_rows is not None else spec.base_rows
     if base_rows is None:

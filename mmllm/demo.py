@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mmllm.config import load_config
-from mmllm.data.interleaved import read_jsonl
+from mmllm.data.interleaved import read_jsonl, record_texts
 from mmllm.data.pretokenize import TokenizerBundle, load_shards, pretokenize
 from mmllm.data.toy_tasks import write_toyworld
 from mmllm.data.toyworld import caption_corpus
@@ -105,7 +105,8 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
 
     t = time.perf_counter()
     corpus = out / "world" / "text.txt"
-    corpus.write_text("\n".join(_texts(Path(world["path"]), caption_corpus(2000, seed))) + "\n", encoding="utf-8")
+    texts = caption_corpus(2000, seed) + [t for r in read_jsonl(world["path"]) for t in record_texts(r)]
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
     text_tokenizer = train_text_tokenizer([corpus], out / "text_tokenizer", vocab_size=512)
     stage("text tokenizer", t, f"SentencePiece BPE, {len(text_tokenizer)} tokens, on the world's text and captions")
 
@@ -178,17 +179,6 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
         encoding="utf-8",
     )
     return path
-
-
-def _texts(jsonl: Path, captions: list[str]) -> list[str]:
-    """Every text part of the world's conversations, then the captions: the tokenizer's corpus."""
-    texts = list(captions)
-    for record in read_jsonl(jsonl):
-        for message in record["messages"]:
-            content = message["content"]
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            texts += [p["text"] for p in parts if p["type"] == "text"]
-    return texts
 
 
 def _train_modality_tokenizers(root: Path, scale: DemoScale, seed: int):

@@ -111,7 +111,7 @@ class StepRecord:
 def build_toy_data(directory: Path, items_per_task: int = TOY_ITEMS_PER_TASK, seed: int = 0) -> tuple[Path, Path]:
     """A toy world, a tokenizer bundle (trained text tokenizer, random tiny modality tokenizers
     sized to configs/vocab/toy.yaml) and its pretokenized shards; returns (shards, bundle)."""
-    from mmllm.data.interleaved import read_jsonl
+    from mmllm.data.interleaved import read_jsonl, record_texts
     from mmllm.data.pretokenize import TokenizerBundle, pretokenize
     from mmllm.data.toy_tasks import write_toyworld
     from mmllm.data.toyworld import caption_corpus
@@ -123,9 +123,7 @@ def build_toy_data(directory: Path, items_per_task: int = TOY_ITEMS_PER_TASK, se
     world = write_toyworld(directory / "world", items_per_task, seed)
     texts = caption_corpus(2000, seed)  # the demo's corpus: captions plus every text part of the world
     for record in read_jsonl(world["path"]):
-        for message in record["messages"]:
-            content = message["content"]
-            texts += [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+        texts += record_texts(record)
     corpus = directory / "text.txt"
     corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
     text_tokenizer = train_text_tokenizer([corpus], directory / "text_tokenizer", vocab_size=TOY_TEXT_VOCAB)

@@ -49,6 +49,15 @@ def read_jsonl(path: str | Path, check_media: bool = False) -> Iterator[dict[str
             yield record
 
 
+def record_texts(record: dict[str, Any]) -> list[str]:
+    """Every text part of a record's messages, in order (a corpus for a text tokenizer)."""
+    texts: list[str] = []
+    for message in record["messages"]:
+        content = message["content"]
+        texts += [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+    return texts
+
+
 def validate_record(record: Any, where: str, media_root: Path | None = None) -> None:
     """Raise `InputError("<where>: ...")` unless `record` fits docs/data_format.md."""
     if not isinstance(record, dict):
