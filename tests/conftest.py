@@ -96,3 +96,40 @@ def save_tiny_hf(path: Path, family: str = "Llama", vocab_size: int = 128, token
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def random_toy_tokenizers() -> dict:
+    """Random tiny modality tokenizers whose codes fit configs/vocab/toy.yaml's ranges."""
+    from mmllm.tokenizers import load_tokenizer
+
+    return {
+        "image": load_tokenizer("image-conv", channels=[8], strides=[8]),
+        "audio": load_tokenizer("audio-codec", channels=[8, 8, 16]),
+        "video": load_tokenizer("video-causal3d", channels=[8, 8, 16], strides=[2, 2, 2]),
+        "action": load_tokenizer("action-bins"),
+    }
+
+
+def toy_vocab_layout(text_tokenizer):
+    """The layout of configs/vocab/toy.yaml on `text_tokenizer`."""
+    from mmllm.config import load_config
+    from mmllm.text_tokenizer import fingerprint
+    from mmllm.vocab import VocabLayout, VocabSpec
+
+    spec = load_config(VocabSpec, REPO / "configs" / "vocab" / "toy.yaml")
+    return VocabLayout.build(
+        len(text_tokenizer), spec.modality_ranges(), text_tokenizer_fingerprint=fingerprint(text_tokenizer)
+    )
+
+
+@pytest.fixture()
+def toy_model(text_tokenizer):
+    """A random tiny MMLLM on the toy layout with random tiny tokenizers. Its init std is large so
+    greedy choices are decisive (no near-ties that float reordering could flip)."""
+    from mmllm.model.config import ModelConfig
+    from mmllm.model.mmllm import MMLLM
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_yaml(REPO / "configs" / "model" / "tiny.yaml", ["initializer_range=0.3"])
+    layout = toy_vocab_layout(text_tokenizer)
+    return MMLLM.from_config(config, layout, text_tokenizer, random_toy_tokenizers()).eval()

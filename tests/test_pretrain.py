@@ -24,7 +24,7 @@ from mmllm.errors import ConfigError, LayoutError
 from mmllm.model.weights import load_weights
 from mmllm.training.launch import free_port
 
-from .conftest import save_tiny_hf
+from .conftest import random_toy_tokenizers, save_tiny_hf, toy_vocab_layout
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "ds_worker.py"
@@ -38,24 +38,13 @@ VOCAB_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory, text_tokenizer_dir):
     """A tokenizer bundle (random tiny modality tokenizers sized to the toy layout) and toy-world shards."""
-    from mmllm.config import load_config
     from mmllm.data.toy_tasks import write_toyworld
-    from mmllm.text_tokenizer import fingerprint, load_text_tokenizer
-    from mmllm.tokenizers import load_tokenizer
-    from mmllm.vocab import VocabLayout, VocabSpec
+    from mmllm.text_tokenizer import load_text_tokenizer
 
     root = tmp_path_factory.mktemp("pretrain")
     text_tokenizer = load_text_tokenizer(text_tokenizer_dir)
-    spec = load_config(VocabSpec, REPO / "configs" / "vocab" / "toy.yaml")
-    layout = VocabLayout.build(
-        len(text_tokenizer), spec.modality_ranges(), text_tokenizer_fingerprint=fingerprint(text_tokenizer)
-    )
-    tokenizers = {
-        "image": load_tokenizer("image-conv", channels=[8], strides=[8]),
-        "audio": load_tokenizer("audio-codec", channels=[8, 8, 16]),
-        "video": load_tokenizer("video-causal3d", channels=[8, 8, 16], strides=[2, 2, 2]),
-        "action": load_tokenizer("action-bins"),
-    }
+    layout = toy_vocab_layout(text_tokenizer)
+    tokenizers = random_toy_tokenizers()
     TokenizerBundle(layout, text_tokenizer, tokenizers).save(root / "bundle")
     world = write_toyworld(root / "world", 6, seed=0)
     report = pretokenize(read_jsonl(world["path"]), Path(world["path"]).parent, root / "bundle", root / "shards")

@@ -231,6 +231,13 @@ class LayerKV:
         """Positions and validity (B, length) of the cached slots."""
         return self.positions[:, : self.length], self.valid[:, : self.length]
 
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep only the batch rows `rows` (B',), e.g. when finished sequences leave a batch."""
+        if self.keys is None:
+            return
+        self.keys, self.values = self.keys[rows], self.values[rows]
+        self.positions, self.valid = self.positions[rows], self.valid[rows]
+
 
 class KVCache:
     """Keys and values of every layer for incremental decoding.
@@ -247,6 +254,13 @@ class KVCache:
     def __len__(self) -> int:
         """Number of slots the first layer holds (the prompt plus decoded tokens)."""
         return self.layers[0].length
+
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep only the batch rows `rows` in every layer."""
+        for layer in self.layers:
+            layer.select_rows(rows)
+        if self.next_position is not None:
+            self.next_position = self.next_position[rows]
 
 
 # --------------------------------------------------------------------------------------

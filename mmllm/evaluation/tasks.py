@@ -1,0 +1,155 @@
+"""The evaluation task contract and the task registry.
+
+A `Task` makes held-out `EvalItem`s (a prompt, the modality the reply must open with, and the
+ground truth its scorer needs), scores one reply against one item, aggregates the per-sample
+scores, and produces a "chance" reply (the majority answer or a random valid output) for the
+reference row every report shows. The runner generates the replies; tasks never see a model.
+
+Prompts carry media as arrays, in the conventions of `mmllm.data.media`:
+{"type": "image", "array": uint8 (H, W, 3)}, {"type": "audio", "array": float32, "sample_rate": int},
+{"type": "video", "array": uint8 (T, H, W, 3)}, {"type": "action", "array": float32 (steps, 2)},
+and text as {"type": "text", "text": str}.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mmllm.errors import InputError
+from mmllm.evaluation.metrics import mean_per_key
+
+MEDIA_MODALITIES = ("image", "audio", "video", "action")
+
+
+@dataclass
+class EvalItem:
+    """One held-out prompt and the ground truth its scorer needs."""
+
+    id: str
+    prompt: list[dict]  # chat messages ("system"/"user"), or a document prefix's content parts
+    prompt_kind: str  # "chat" | "document"
+    reply_modality: str  # "text" or a media modality: the generator opens the reply with that span
+    max_new_tokens: int
+    meta: dict
+    reference: str = ""  # the reference answer, or a description of the reference medium, for display
+
+
+@dataclass
+class ReplyPart:
+    """One decoded part of a generated reply: text, or a medium in the media conventions."""
+
+    kind: str  # "text" or a modality name
+    text: str = ""
+    media: np.ndarray | None = None
+    sample_rate: int | None = None  # audio only
+    flag: str = ""  # non-empty when the decoder repaired malformed codes
+
+
+class Task:
+    """Base class of evaluation tasks; subclasses set the attributes and override `items` and `score`."""
+
+    name: str = ""
+    description: str = ""
+    kind: str = "generate"  # "generate": the runner generates replies; "perplexity": it scores text likelihood
+    input_modalities: tuple[str, ...] = ()  # media the model must read (tokenizers needed to encode)
+    output_modalities: tuple[str, ...] = ()  # media the model must write (tokenizers needed to decode)
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    def items(self, n: int, seed: int) -> list[EvalItem]:
+        raise NotImplementedError
+
+    def score(self, item: EvalItem, reply: list[ReplyPart]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def aggregate(self, scores: list[dict[str, float]]) -> dict[str, float]:
+        """Mean of every key over the samples that have it, with the primary metric's standard error."""
+        return mean_per_key(scores, stderr_of=(self.metric,))
+
+    def chance_reply(self, item: EvalItem, rng: random.Random) -> list[ReplyPart]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add `task` to the registry under its name (a second task of the same name replaces the first)."""
+    if not task.name:
+        raise InputError(f"register_task: {task!r} has no name")
+    TASKS[task.name] = task
+    return task
+
+
+def _load_builtin_tasks() -> None:
+    import mmllm.evaluation.toy  # noqa: F401  (registers the toy-world tasks on import)
+
+
+def get_task(name: str) -> Task:
+    """The registered task `name`; an unknown name raises InputError listing the known ones."""
+    _load_builtin_tasks()
+    if name not in TASKS:
+        raise InputError(f"unknown eval task {name!r} (tasks: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+def list_tasks() -> list[Task]:
+    """Every registered task, in registration order."""
+    _load_builtin_tasks()
+    return list(TASKS.values())
+
+
+# ---------------------------------------------------------------- reading replies and prompts
+
+
+def reply_text(reply: list[ReplyPart]) -> str:
+    """The reply's text parts joined by spaces (media parts left out)."""
+    return " ".join(part.text for part in reply if part.kind == "text" and part.text).strip()
+
+
+def reply_media(reply: list[ReplyPart], modality: str) -> ReplyPart | None:
+    """The reply's first part of `modality` that holds a medium, or None."""
+    return next((part for part in reply if part.kind == modality and part.media is not None), None)
+
+
+def _describe_part(part: dict[str, Any]) -> str:
+    kind = part.get("type", "?")
+    if kind == "text":
+        return str(part.get("text", ""))
+    array = part.get("array")
+    shape = "x".join(str(d) for d in np.shape(array)) if array is not None else "?"
+    return f"<{kind} {shape}>"
+
+
+def prompt_text(item: EvalItem) -> str:
+    """A readable one-line rendering of the prompt: text verbatim, media as '<image 64x64x3>'."""
+    if item.prompt_kind == "document":
+        return " ".join(_describe_part(part) for part in item.prompt)
+    lines = []
+    for message in item.prompt:
+        content = message.get("content", [])
+        body = content if isinstance(content, str) else " ".join(_describe_part(part) for part in content)
+        lines.append(f"{message.get('role', '?')}: {body}")
+    return " | ".join(lines)
+
+
+def reply_description(reply: list[ReplyPart]) -> str:
+    """A readable rendering of a reply: text verbatim, media as '<audio 12000 @16000Hz>', repairs flagged."""
+    pieces = []
+    for part in reply:
+        if part.kind == "text":
+            pieces.append(part.text)
+            continue
+        shape = "x".join(str(d) for d in np.shape(part.media)) if part.media is not None else "none"
+        rate = f" @{part.sample_rate}Hz" if part.sample_rate else ""
+        flag = f" [{part.flag}]" if part.flag else ""
+        pieces.append(f"<{part.kind} {shape}{rate}{flag}>")
+    return " ".join(pieces)
+
