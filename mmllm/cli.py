@@ -12,6 +12,9 @@
     mmllm bench model        our backbone against transformers' Llama, forward + backward
     mmllm bench train        our training loop against transformers' Trainer and a raw torch loop
     mmllm bench tokenizers   train, score and time the toy tokenizers
+    mmllm bench generate     decode tokens/s against transformers' generate; batched vs sequential CFG
+    mmllm generate           a reply (text and media files) to one prompt
+    mmllm eval               score a model on registered tasks -> results.json
     mmllm demo               the end-to-end pipeline on the embedded toy world
 
 Handlers parse arguments and call into the library. A user error (`MMLLMError`) prints one
@@ -188,12 +191,144 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tok.add_argument("--out", help="also write the rows as JSON")
     bench_tok.set_defaults(handler=cmd_bench_tokenizers)
 
+    bench_gen = bench_commands.add_parser(
+        "generate", help="decode tokens/s vs transformers' generate (batch 1 and 8); batched vs sequential CFG"
+    )
+    bench_gen.add_argument("--model", required=True, help="checkpoint dir (e.g. demo_out/model)")
+    bench_gen.add_argument("--tokens", type=int, default=128, help="new tokens per row (default 128)")
+    bench_gen.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    bench_gen.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats (default 5)")
+    bench_gen.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bench_gen.add_argument("--out", help="also write the result as JSON")
+    bench_gen.set_defaults(handler=cmd_bench_generate)
+
+    generate = commands.add_parser("generate", help="reply to one prompt; writes text and media files")
+    add_model_arguments(generate)
+    generate.add_argument("--prompt", required=True, help="the user's text")
+    for modality in ("image", "audio", "video", "action"):
+        generate.add_argument(
+            f"--{modality}", action="append", default=[], metavar="PATH", help=f"attach a {modality} file (repeatable)"
+        )
+    generate.add_argument(
+        "--reply", default="text", help="open the reply with this modality: text (free), image, audio, video, action"
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=512)
+    generate.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        metavar="[MODALITY:]KEY=V,...",
+        help="e.g. temperature=0.7 (every modality) or image:temperature=1,top_k=100 (repeatable)",
+    )
+    generate.add_argument("--guidance", default="", metavar="MODALITY=SCALE,...", help="CFG scales, e.g. image=3")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", required=True, help="dir for reply.json, reply.txt and media files")
+    generate.set_defaults(handler=cmd_generate)
+
+    evaluate = commands.add_parser("eval", help="score a model on registered tasks -> results.json")
+    add_model_arguments(evaluate, required=False)
+    evaluate.add_argument("--tasks", help="comma-separated task names (see --list)")
+    evaluate.add_argument("--list", action="store_true", help="list the registered tasks and exit")
+    evaluate.add_argument("--out", default="results.json", help="results file; media are saved beside it")
+    evaluate.add_argument("--limit", type=int, help="items per task (default 500)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--guidance", default="", metavar="MODALITY=SCALE,...", help="CFG scales, e.g. image=3")
+    evaluate.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
+    evaluate.add_argument("--report", help="also write a markdown report (table and image grid) here")
+    evaluate.set_defaults(handler=cmd_eval)
+
     demo = commands.add_parser("demo", help="run the end-to-end pipeline on the toy world")
     demo.add_argument("--out", default="demo_out", help="output dir (report.md, model/)")
     demo.add_argument("--fast", action="store_true", help="smaller settings, for a quick check")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required, help="checkpoint dir (native or HF)")
+    parser.add_argument("--adapter", help="a peft LoRA adapter dir, merged into the model")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if any)")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: as stored)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_model(args: argparse.Namespace):
+    """The --model checkpoint in eval mode, with --adapter merged, on --device in --dtype."""
+    import torch
+
+    from mmllm.model.adapters import apply_adapter
+    from mmllm.model.mmllm import MMLLM
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = MMLLM.from_pretrained(args.model, dtype=dtype, device=args.device)
+    if args.adapter:
+        model = apply_adapter(model, args.adapter)
+    return model.eval()
+
+
+def parse_scales(spec: str) -> dict[str, float]:
+    """`image=3,audio=2` -> {"image": 3.0, "audio": 2.0}."""
+    scales = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError(item)
+            scales[name] = float(value)
+        except ValueError:
+            raise MMLLMError(f"guidance {item!r}: expected MODALITY=SCALE, e.g. image=3") from None
+    return scales
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from mmllm.generation.command import run_generate
+
+    run_generate(load_model(args), args)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mmllm.evaluation.report import write_markdown
+    from mmllm.evaluation.runner import EvalSettings, evaluate, resolve_tasks
+    from mmllm.evaluation.tasks import list_tasks
+
+    if args.list:
+        for task in list_tasks():
+            reads = ",".join(task.input_modalities) or "text"
+            writes = ",".join(task.output_modalities) or "text"
+            print(f"{task.name:<18} {reads:>24} -> {writes:<24} {task.metric}: {task.description}")
+        return
+    if not args.model or not args.tasks:
+        raise MMLLMError("eval needs --model and --tasks (or --list)")
+    settings = EvalSettings(
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        guidance=parse_scales(args.guidance),
+        untrained=not args.no_untrained,
+    )
+    resolve_tasks(settings.tasks, settings.limit)  # unknown tasks and a bad limit fail before the weights load
+    results = evaluate(load_model(args), settings, Path(args.out), model_path=args.model)
+    if args.report:
+        write_markdown(results, Path(args.out).parent, Path(args.report))
+    print(f"results -> {args.out}")
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> None:
+    from mmllm.bench.generate import bench_generate, format_generate_bench
+
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    result = bench_generate(Path(args.model), args.tokens, batches, args.repeats, args.threads)
+    print(format_generate_bench(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def cmd_vocab_train_text(args: argparse.Namespace) -> None:

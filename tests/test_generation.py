@@ -161,7 +161,7 @@ def guided_reference(model, cond: list[int], uncond: list[int], scale: float, st
             token = int(logits.masked_fill(~states.masks(), float("-inf")).argmax())
             states.advance(torch.tensor([token]))
             out.append(token)
-            cond, uncond = cond + [token], uncond + [token]
+            cond, uncond = [*cond, token], [*uncond, token]
     return out
 
 

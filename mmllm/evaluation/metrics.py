@@ -24,7 +24,7 @@ def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
 
 
 def word_error_rate(reference: Sequence[str], hypothesis: Sequence[str]) -> float:
-    """Edits / reference words. An empty reference counts each hypothesis word as one error (0.0 when both are empty)."""
+    """Edits / reference words; against an empty reference each hypothesis word is one error (0.0 if both are empty)."""
     return edit_distance(reference, hypothesis) / max(1, len(reference))
 
 

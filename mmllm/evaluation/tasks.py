@@ -21,6 +21,7 @@ import numpy as np
 
 from mmllm.errors import InputError
 from mmllm.evaluation.metrics import mean_per_key
+from mmllm.generation.prompts import OutputPart
 
 MEDIA_MODALITIES = ("image", "audio", "video", "action")
 
@@ -38,15 +39,7 @@ class EvalItem:
     reference: str = ""  # the reference answer, or a description of the reference medium, for display
 
 
-@dataclass
-class ReplyPart:
-    """One decoded part of a generated reply: text, or a medium in the media conventions."""
-
-    kind: str  # "text" or a modality name
-    text: str = ""
-    media: np.ndarray | None = None
-    sample_rate: int | None = None  # audio only
-    flag: str = ""  # non-empty when the decoder repaired malformed codes
+ReplyPart = OutputPart  # one decoded part of a generated reply, as the generator returns it
 
 
 class Task:
@@ -152,4 +145,3 @@ def reply_description(reply: list[ReplyPart]) -> str:
         flag = f" [{part.flag}]" if part.flag else ""
         pieces.append(f"<{part.kind} {shape}{rate}{flag}>")
     return " ".join(pieces)
-

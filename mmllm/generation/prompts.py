@@ -68,7 +68,8 @@ def encode_prompts(model, prompts: Sequence[Prompt]) -> list[EncodedPrompt]:
     for prompt, content in zip(prompts, _encode_media(model, prompts), strict=True):
         if prompt.kind == "chat":
             conversation = encode_conversation(content, layout, model.text_tokenizer, add_generation_prompt=True)
-            condition = [part == "text" and role == "user" for part, role in zip(conversation.parts, conversation.roles)]
+            pairs = zip(conversation.parts, conversation.roles, strict=True)
+            condition = [part == "text" and role == "user" for part, role in pairs]
         elif prompt.kind == "document":
             conversation = encode_document(content, layout, model.text_tokenizer)
             conversation.input_ids.pop()  # a prefix: no <|eos|>

@@ -51,7 +51,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32 (as HF does) so bf16 activations keep their small differences.
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        h = x.float()
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -189,14 +190,19 @@ class LayerKV:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.length = 0
+        self.all_valid = True  # no padding slot cached: attention may skip the validity mask
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.positions: Tensor | None = None
         self.valid: Tensor | None = None
 
-    def append(self, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Add (B, H, T, D) keys/values; return every cached key and value so far."""
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Add (B, H, T, D) keys/values (`valid` None: all real); return every cached key and value so far."""
         new_len = self.length + keys.shape[2]
+        if valid is None:
+            valid = torch.ones_like(positions, dtype=torch.bool)
+        else:
+            self.all_valid = self.all_valid and bool(valid.all())
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
             n = self.length
             self.keys = keys if n == 0 else torch.cat((self.keys[:, :, :n], keys), dim=2)
@@ -237,6 +243,7 @@ class LayerKV:
             return
         self.keys, self.values = self.keys[rows], self.values[rows]
         self.positions, self.valid = self.positions[rows], self.valid[rows]
+        self.all_valid = self.all_valid or bool(self.valid[:, : self.length].all())
 
 
 class KVCache:
@@ -291,9 +298,10 @@ class AttentionMasks:
         t = s.hidden.shape[1]
         if cache is not None:
             key_pos, key_valid = cache.key_meta()
+            all_valid = cache.all_valid
         else:
             key_pos, key_valid = s.position_ids, s.valid
-        all_valid = key_valid is None or bool(key_valid.all())
+            all_valid = key_valid is None or bool(key_valid.all())
         span = int(s.position_ids.max() - key_pos.min()) if window is not None else 0
         within_window = window is None or span < window
         if all_valid and within_window and s.document_ids is None:
@@ -361,8 +369,7 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             state = masks.state
-            valid = state.valid if state.valid is not None else torch.ones_like(state.position_ids, dtype=torch.bool)
-            k, v = cache.append(k, v, state.position_ids, valid)
+            k, v = cache.append(k, v, state.position_ids, state.valid)
         mask, causal = masks.get(past, self.window, cache)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
