@@ -13,6 +13,7 @@
     mmllm bench train        our training loop against transformers' Trainer and a raw torch loop
     mmllm bench tokenizers   train, score and time the toy tokenizers
     mmllm bench generate     decode tokens/s against transformers' generate; batched vs sequential CFG
+    mmllm bench learnability toy-task scores against minutes of CPU pretraining
     mmllm generate           a reply (text and media files) to one prompt
     mmllm eval               score a model on registered tasks -> results.json
     mmllm demo               the end-to-end pipeline on the embedded toy world
@@ -202,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_gen.add_argument("--out", help="also write the result as JSON")
     bench_gen.set_defaults(handler=cmd_bench_generate)
 
+    bench_learn = bench_commands.add_parser(
+        "learnability", help="toy-task scores vs minutes of 2-rank CPU pretraining (the demo at full scale)"
+    )
+    bench_learn.add_argument("--out", required=True, help="work dir (world, tokenizers, shards, checkpoints, evals)")
+    bench_learn.add_argument("--steps", type=int, default=400, help="pretraining steps (default 400)")
+    bench_learn.add_argument("--save-every", type=int, default=100, help="steps between evaluated checkpoints")
+    bench_learn.add_argument("--eval-items", type=int, default=100, help="held-out items per task per checkpoint")
+    bench_learn.add_argument("--seed", type=int, default=0)
+    bench_learn.add_argument("--fast", action="store_true", help="the demo's --fast data and model (a quick check)")
+    bench_learn.set_defaults(handler=cmd_bench_learnability)
+
     generate = commands.add_parser("generate", help="reply to one prompt; writes text and media files")
     add_model_arguments(generate)
     generate.add_argument("--prompt", required=True, help="the user's text")
@@ -329,6 +341,13 @@ def cmd_bench_generate(args: argparse.Namespace) -> None:
     print(format_generate_bench(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_bench_learnability(args: argparse.Namespace) -> None:
+    from mmllm.bench.learnability import bench_learnability, format_learnability
+
+    result = bench_learnability(Path(args.out), args.steps, args.save_every, args.eval_items, args.seed, args.fast)
+    print(format_learnability(result))
 
 
 def cmd_vocab_train_text(args: argparse.Namespace) -> None:

@@ -3,9 +3,12 @@
 Toy world -> a SentencePiece text tokenizer and the four modality tokenizers -> the vocabulary
 layout -> pretokenized Arrow shards -> a 2-rank DeepSpeed (ZeRO-2) pretraining run -> checks that
 the trained checkpoint, its Hugging Face export, the re-import and KV-cached decoding give the
-same logits. It leaves OUT/model/ (a self-contained checkpoint) and OUT/report.md with the
+same logits -> `mmllm eval` on every toy task, with the chance and untrained rows. It leaves
+OUT/model/ (a self-contained checkpoint), OUT/eval/results.json with the generated media, and
+OUT/report.md with the metrics table, an image grid, links to generated speech and the
 per-modality loss curves (OUT/loss_curves.png). `--fast` shrinks every stage so the test suite
-runs it; later stages (finetuning, chat, eval) extend it.
+runs it; later stages (finetuning, chat) extend it. `prepare_data` and `pretrain` are also the
+first stages of `mmllm bench learnability`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,8 @@ from mmllm.data.pretokenize import TokenizerBundle, load_shards, pretokenize
 from mmllm.data.toy_tasks import write_toyworld
 from mmllm.data.toyworld import caption_corpus
 from mmllm.errors import MMLLMError
+from mmllm.evaluation.report import image_grid, results_table
+from mmllm.evaluation.runner import EvalSettings, evaluate
 from mmllm.model.mmllm import MMLLM
 from mmllm.plots import plot_loss_curves
 from mmllm.text_tokenizer import fingerprint, train_text_tokenizer
@@ -49,6 +55,7 @@ class DemoScale:
     tokenizer_steps: int | None  # None: each tokenizer config's own step count (trained to its target)
     tokenizer_items: int | None  # None: the config's item count
     tokenizer_eval_items: int  # held-out items scored through each tokenizer's round trip
+    eval_items: int  # held-out items per eval task
     model: str  # model config YAML
     pretrain_overrides: tuple[str, ...]  # on top of configs/pretrain/toy.yaml
 
@@ -58,6 +65,7 @@ FAST = DemoScale(
     tokenizer_steps=60,  # enough to leave random init; the learned codes are not the point here
     tokenizer_items=256,
     tokenizer_eval_items=16,
+    eval_items=200,  # TOYWORLD.md: 200 held-out items per task for --fast
     model="tiny.yaml",
     # 40 steps of 2 ranks x 4 rows x 512 tokens: every modality's loss visibly falls
     pretrain_overrides=(
@@ -74,6 +82,7 @@ FULL = DemoScale(
     tokenizer_steps=None,
     tokenizer_items=None,
     tokenizer_eval_items=200,
+    eval_items=500,  # TOYWORLD.md: at least 500 held-out items per task
     model="toy.yaml",
     pretrain_overrides=("steps=300",),  # 300 steps x 8k tokens = 2.5M tokens, a fraction of toy.yaml's 1000
 )
@@ -83,36 +92,61 @@ TOKENIZER_CONFIGS = {  # modality -> the config that trains its toy tokenizer
     "video": "video_toy.yaml",
     "action": "action_bins.yaml",
 }
+EVAL_TASKS = (  # every toy-world task of TOYWORLD.md but the reasoning ones (issue 8's), and text perplexity
+    "toy-caption",
+    "toy-vqa",
+    "toy-draw",
+    "toy-transcribe",
+    "toy-speak",
+    "toy-motion",
+    "toy-animate",
+    "toy-act",
+    "toy-interleaved",
+    "toy-text-ppl",
+)
+SHOWN_WAVS = 4  # generated speech files linked from the report
 SHOWN_TASK = "toy-caption"  # the report shows this task's first document as the exported tokenizer names it
 RANKS = 2  # the pretraining stage is a real multi-rank DeepSpeed run, even on a laptop
 
 
-def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
-    """Toy world -> text and modality tokenizers -> pretokenized shards -> 2-rank DeepSpeed
-    pretraining -> parity checks on the trained model; returns OUT/report.md."""
-    scale = FAST if fast else FULL
-    start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    stages: list[tuple[str, float, str]] = []
+@dataclass
+class DemoData:
+    """What the data stages leave: the layout, the tokenizer bundle and the pretokenized shards."""
 
-    def stage(name: str, began: float, detail: str) -> None:
-        stages.append((name, time.perf_counter() - began, detail))
+    layout: VocabLayout
+    bundle: Path
+    shards: Path
+    tokenizer_rows: list[dict]
+
+
+class Stages:
+    """Times the demo's stages and prints one line per finished stage."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, str]] = []
+
+    def done(self, name: str, began: float, detail: str) -> None:
+        self.rows.append((name, time.perf_counter() - began, detail))
         print(f"[demo] {name}: {detail}", flush=True)
 
+
+def prepare_data(out: Path, scale: DemoScale, seed: int, stages: Stages) -> DemoData:
+    """Toy world -> text and modality tokenizers -> vocabulary layout and bundle -> shards."""
     t = time.perf_counter()
     world = write_toyworld(out / "world", scale.items_per_task, seed)
-    stage("toy world", t, f"{world['records']} records of {len(world['tasks'])} tasks -> {world['path']}")
+    stages.done("toy world", t, f"{world['records']} records of {len(world['tasks'])} tasks -> {world['path']}")
 
     t = time.perf_counter()
     corpus = out / "world" / "text.txt"
     texts = caption_corpus(2000, seed) + [t for r in read_jsonl(world["path"]) for t in record_texts(r)]
     corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
     text_tokenizer = train_text_tokenizer([corpus], out / "text_tokenizer", vocab_size=512)
-    stage("text tokenizer", t, f"SentencePiece BPE, {len(text_tokenizer)} tokens, on the world's text and captions")
+    detail = f"SentencePiece BPE, {len(text_tokenizer)} tokens, on the world's text and captions"
+    stages.done("text tokenizer", t, detail)
 
     t = time.perf_counter()
     tokenizers, tokenizer_rows = _train_modality_tokenizers(out / "tokenizers", scale, seed)
-    stage("modality tokenizers", t, ", ".join(f"{r['modality']} {r['seconds']:.0f} s" for r in tokenizer_rows))
+    stages.done("modality tokenizers", t, ", ".join(f"{r['modality']} {r['seconds']:.0f} s" for r in tokenizer_rows))
 
     t = time.perf_counter()
     spec = load_config(VocabSpec, CONFIGS / "vocab" / "toy.yaml")
@@ -129,34 +163,52 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
         tokenizer.check_fits(layout.modality(name), f"the {name} tokenizer")
     bundle = out / "bundle"
     TokenizerBundle(layout, text_tokenizer, tokenizers).save(bundle)
-    stage("vocab layout", t, f"{layout.total_size} ids in use, padded to {layout.padded_size} -> {bundle}")
+    stages.done("vocab layout", t, f"{layout.total_size} ids in use, padded to {layout.padded_size} -> {bundle}")
 
     t = time.perf_counter()
-    report = pretokenize(read_jsonl(world["path"]), Path(world["path"]).parent, bundle, out / "shards", progress=False)
+    shards = out / "shards"
+    report = pretokenize(read_jsonl(world["path"]), Path(world["path"]).parent, bundle, shards, progress=False)
     if report.skipped:
         raise MMLLMError(f"pretokenize skipped {report.skipped} toy-world records: {report.failures[0]['error']}")
-    stage("pretokenize", t, f"{report.written} documents, {report.tokens:,} tokens -> {out / 'shards'}")
+    stages.done("pretokenize", t, f"{report.written} documents, {report.tokens:,} tokens -> {shards}")
+    return DemoData(layout, bundle, shards, tokenizer_rows)
 
-    t = time.perf_counter()
+
+def pretrain(out: Path, scale: DemoScale, data: DemoData, seed: int, overrides: Sequence[str] = ()) -> list[dict]:
+    """The 2-rank ZeRO-2 DeepSpeed run, started through DeepSpeed's launcher; returns its step log."""
     run = out / "pretrain"
-    overrides = [
+    settings = [
         f"model={CONFIGS / 'model' / scale.model}",
-        f"vocab={bundle}",
+        f"vocab={data.bundle}",
         f"out={run}",
-        "data.sources=" + json.dumps([{"path": str(out / "shards")}]),
+        "data.sources=" + json.dumps([{"path": str(data.shards)}]),
         f"seed={seed}",
         *scale.pretrain_overrides,
+        *overrides,
     ]
     deepspeed_config = CONFIGS / "deepspeed" / "zero2.json"
     command = ["pretrain", "--config", str(CONFIGS / "pretrain" / "toy.yaml"), "--deepspeed", str(deepspeed_config)]
-    launch_ranks([*command, *overrides], RANKS, out / "pretrain.log")
+    launch_ranks([*command, *settings], RANKS, out / "pretrain.log")
     history = [json.loads(line) for line in (run / LOG_FILE).read_text().splitlines()]
-    steps = [r for r in history if "loss" in r]
+    return [r for r in history if "loss" in r]
+
+
+def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
+    """Toy world -> text and modality tokenizers -> pretokenized shards -> 2-rank DeepSpeed
+    pretraining -> parity checks -> eval of every toy task; returns OUT/report.md."""
+    scale = FAST if fast else FULL
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages()
+    data = prepare_data(out, scale, seed, stages)
+
+    t = time.perf_counter()
+    steps = pretrain(out, scale, data, seed)
     curves = _loss_curves(steps)
     plot_loss_curves(curves, out / "loss_curves.png", title=f"pretraining, {RANKS} ranks, ZeRO-2")
     shutil.rmtree(out / "model", ignore_errors=True)
-    shutil.copytree(run / "model", out / "model")
-    stage(
+    shutil.copytree(out / "pretrain" / "model", out / "model")
+    stages.done(
         "pretrain",
         t,
         f"{len(steps)} steps on {RANKS} ranks (ZeRO-2), loss {steps[0]['loss']:.2f} -> {steps[-1]['loss']:.2f}",
@@ -164,18 +216,34 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
 
     t = time.perf_counter()
     model = MMLLM.from_pretrained(out / "model").eval()
-    shards = load_shards(out / "shards", layout)
+    shards = load_shards(data.shards, data.layout)
     example = next(row for row in shards if row["task"] == SHOWN_TASK)
     ids = torch.tensor([example["input_ids"]])
     checks = _parity_checks(model, ids, out)
     from transformers import AutoTokenizer
 
     named = AutoTokenizer.from_pretrained(str(out / "hf")).convert_ids_to_tokens(example["input_ids"])
-    stage("checkpoints and HF parity", t, f"max logit difference {max(d for _, d in checks):.1e}")
+    stages.done("checkpoints and HF parity", t, f"max logit difference {max(d for _, d in checks):.1e}")
+
+    t = time.perf_counter()
+    settings = EvalSettings(tasks=list(EVAL_TASKS), limit=scale.eval_items, seed=seed, progress=False)
+    results = evaluate(model, settings, out / "eval" / "results.json", model_path=str(out / "model"))
+    evaluation = _eval_section(results, out)
+    stages.done("eval", t, f"{len(EVAL_TASKS)} tasks x {scale.eval_items} items -> {out / 'eval' / 'results.json'}")
 
     path = out / "report.md"
     path.write_text(
-        _report(layout, model, named, stages, tokenizer_rows, curves, checks, time.perf_counter() - start),
+        _report(
+            data.layout,
+            model,
+            named,
+            stages.rows,
+            data.tokenizer_rows,
+            curves,
+            checks,
+            evaluation,
+            time.perf_counter() - start,
+        ),
         encoding="utf-8",
     )
     return path
@@ -266,11 +334,33 @@ def _elide_spans(tokens: list[str], keep: int = 3) -> list[str]:
     return shown
 
 
-def _report(layout, model, tokens, stages, tokenizer_rows, curves, checks, seconds) -> str:
+def _eval_section(results: dict, out: Path) -> list[str]:
+    """The report's eval part: the metrics table, the image grid and links to a few generated WAVs."""
+    efficiency = results["efficiency"]
+    lines = ["## Evaluation on held-out toy-world items (greedy decoding)", "", results_table(results), ""]
+    lines.append(
+        f"Decode {efficiency['decode_tokens_per_s']:,.0f} tokens/s, prefill {efficiency['prefill_latency_ms']:.1f} ms "
+        f"per batch (median), peak memory {efficiency['peak_memory_mb']:,.0f} MB. Per-sample outputs: "
+        "[eval/results.json](eval/results.json)."
+    )
+    grid = image_grid(results, out / "eval", out / "image_grid.png")
+    if grid is not None:
+        lines += ["", "### Generated images and their prompts", "", "![image grid](image_grid.png)"]
+    speech = [s for s in results["tasks"].get("toy-speak", {}).get("samples", []) if s["media"]][:SHOWN_WAVS]
+    if speech:
+        lines += ["", "### Generated speech", "", "| prompt | WAV | oracle WER |", "|---|---|---|"]
+        for sample in speech:
+            wav, wer = sample["media"][0], sample["scores"].get("wer", 1.0)
+            lines.append(f"| {sample['prompt']} | [{Path(wav).name}](eval/{wav}) | {wer:.2f} |")
+    return [*lines, ""]
+
+
+def _report(layout, model, tokens, stages, tokenizer_rows, curves, checks, evaluation, seconds) -> str:
     lines = ["# mmllm demo report", "", f"Wall time: {seconds:.1f} s.", "", "## Stages", ""]
     lines += ["| stage | seconds | result |", "|---|---|---|"]
     lines += [f"| {name} | {secs:.1f} | {detail} |" for name, secs, detail in stages]
-    lines += ["", "## Modality tokenizers (round trip on held-out toy items, read by the oracles)", ""]
+    lines += ["", *evaluation]
+    lines += ["## Modality tokenizers (round trip on held-out toy items, read by the oracles)", ""]
     lines += [
         "| modality | tokenizer | steps | seconds | tokens/item | oracle agreement |",
         "|---|---|---|---|---|---|",

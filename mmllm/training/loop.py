@@ -521,6 +521,7 @@ class _Logger:
     def __init__(self, out: Path, active: bool, flops_per_token: float, device: torch.device) -> None:
         self.active = active
         self.path = out / LOG_FILE
+        self.began = time.perf_counter()  # wall time of this process's run, for score-vs-minutes curves
         self.flops_per_token = flops_per_token
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         self.peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
@@ -547,6 +548,7 @@ class _Logger:
             if self.peak
             else None,
             "skipped": skipped,
+            "elapsed_s": round(time.perf_counter() - self.began, 2),
         }
         for key, value in sums.items():
             if key.startswith("loss/") and not key.endswith("_tokens"):
