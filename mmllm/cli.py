@@ -40,6 +40,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["mmllm", *(sys.argv[1:] if argv is None else argv)]  # recorded by eval for provenance
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         return args.handler(args) or 0
@@ -325,6 +326,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         guidance=parse_scales(args.guidance),
         untrained=not args.no_untrained,
+        command=args.command_line,
     )
     resolve_tasks(settings.tasks, settings.limit)  # unknown tasks and a bad limit fail before the weights load
     results = evaluate(load_model(args), settings, Path(args.out), model_path=args.model)

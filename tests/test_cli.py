@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 import transformers
 
 from mmllm.cli import main
+from mmllm.demo import EVAL_TASKS
 from mmllm.model.mmllm import MMLLM
 
 from .conftest import REPO, save_tiny_hf
@@ -143,6 +145,17 @@ def test_demo_fast_pretrains_on_two_ranks_and_reports_falling_losses(capsys, tmp
     model = MMLLM.from_pretrained(out / "model")
     assert model.layout is not None and model.text_tokenizer is not None
     assert set(model.modality_tokenizers) == {"image", "audio", "video", "action"}
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results["tasks"]) == set(EVAL_TASKS)
+    for name, task in results["tasks"].items():
+        assert task["n"] >= 200, name  # every task on 200 held-out items (--fast)
+        for row in (task["metrics"], task["references"]["chance"], task["references"]["untrained"]):
+            assert row[task["metric"]] is not None, name
+    ppl = results["tasks"]["toy-text-ppl"]
+    assert ppl["metrics"]["perplexity"] < ppl["references"]["untrained"]["perplexity"] / 2  # pretraining shows
+    assert "| toy-draw | accuracy ↑ |" in report and "![image grid](image_grid.png)" in report
+    wav = re.search(r"\]\((eval/media/toy-speak/[^)]+\.wav)\)", report)
+    assert wav and (out / wav.group(1)).is_file()
 
 
 # ---------------------------------------------------------------------- bad input: one line each

@@ -62,6 +62,7 @@ class EvalSettings:
     untrained: bool = True  # also score a random-init model of the same config (the reference row)
     media_per_task: int = 16  # generated media files saved per task (all samples' text is kept)
     progress: bool = True
+    command: list[str] = field(default_factory=lambda: list(sys.argv))  # the command line, for provenance
 
 
 def resolve_tasks(names: Sequence[str], limit: int | None) -> list[Task]:
@@ -102,7 +103,7 @@ def evaluate(model: MMLLM, settings: EvalSettings, out: Path, model_path: str | 
         "format": RESULTS_FORMAT,
         "model": _model_info(model, model_path),
         "seed": settings.seed,
-        "command": sys.argv,
+        "command": settings.command,
         "versions": _versions(),
         "settings": {
             "limit": settings.limit,
