@@ -3,9 +3,10 @@
 Each `mmllm ...` line of the README's bash blocks runs in one scratch dir, in order; the Python
 block runs after them. `make` targets are left out (CI runs them). The inputs the README
 assumes are created first: `captions.txt`, and `my-llm`, a tiny Qwen2 dir with more embedding
-rows than tokenizer tokens, as a downloaded Qwen2 has. Long runs get short settings appended
+rows than tokenizer tokens, as a downloaded Qwen2 has, and `demo_out/model`, a random tiny
+checkpoint with toy tokenizers in place of the demo's trained one. Long runs get short settings appended
 (later flags and overrides win): `bench model` the tiny config, `tokenizer train` two steps on
-a few items, `bench tokenizers` the instant action bins only. Config paths are the repo's.
+a few items, `bench tokenizers` the instant action bins only, `eval` two items per task. Config paths are the repo's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SHORT_RUNS = {
     ("tokenizer", "train"): ["train.steps=2", "train.batch_size=2", "data.num_items=4"],
     ("tokenizer", "evaluate"): ["--n", "4"],
     ("bench", "tokenizers"): ["--only", "action-bins", "--n", "8", "--repeats", "1"],
+    ("eval", "--model"): ["--limit", "2", "--no-untrained"],
 }
 
 
@@ -51,9 +53,10 @@ def test_readme_has_the_commands_it_documents():
     assert "make test" in README and "make demo" in README
 
 
-def test_readme_commands_and_example_run(tmp_path, monkeypatch, caption_file, text_tokenizer):
+def test_readme_commands_and_example_run(tmp_path, monkeypatch, caption_file, text_tokenizer, toy_model):
     monkeypatch.chdir(tmp_path)
     shutil.copy(caption_file, tmp_path / "captions.txt")
+    toy_model.save_pretrained(tmp_path / "demo_out" / "model")  # what `make demo` leaves, random and tiny
     rows = len(text_tokenizer) + 40  # more embedding rows than tokens, like Qwen2
     save_tiny_hf(tmp_path / "my-llm", "Qwen2", vocab_size=rows, tokenizer=text_tokenizer)
 
@@ -77,6 +80,7 @@ def test_readme_commands_and_example_run(tmp_path, monkeypatch, caption_file, te
         "train/convert.py",
         "serve/export_hf.py",
         "eval/bench.py",
+        "eval/run.py",
     ],
 )
 def test_entry_scripts_are_thin_and_run(script):
