@@ -282,14 +282,17 @@ class AttentionMasks:
     attends to itself, so padding queries never see an all-masked row (which makes SDPA NaN).
     """
 
-    def __init__(self, state: TokenState) -> None:
+    def __init__(self, state: TokenState, same_keys_per_layer: bool = False) -> None:
         self.state = state
+        # True when every layer's cache holds the same slots (no plug-in dropped or inserted
+        # tokens), so one mask per window serves every layer of the forward.
+        self.same_keys_per_layer = same_keys_per_layer
         self._memo: dict[int | None, tuple[Tensor | None, bool]] = {}
 
     def get(self, past: int, window: int | None, cache: LayerKV | None) -> tuple[Tensor | None, bool]:
-        if past:  # layers may hold different cached keys (after a drop): build per layer
+        if past and not self.same_keys_per_layer:  # layers may hold different cached keys: build per layer
             return self._build(past, window, cache)
-        if window not in self._memo:  # no history: every layer sees the same keys
+        if window not in self._memo:  # every layer sees the same keys
             self._memo[window] = self._build(past, window, cache)
         return self._memo[window]
 
@@ -451,7 +454,8 @@ class Backbone(nn.Module):
         if kv_cache is not None:
             kv_cache.next_position = _next_positions(state, kv_cache.next_position)
         rope = self.rotary_emb(state.position_ids, state.hidden.dtype)
-        masks = AttentionMasks(state)
+        same_keys = not self.hooks and (kv_cache is None or len({c.length for c in kv_cache.layers}) == 1)
+        masks = AttentionMasks(state, same_keys_per_layer=same_keys)
         for i, layer in enumerate(self.layers):
             cache = kv_cache.layers[i] if kv_cache is not None else None
             if self.activation_checkpointing and self.training and cache is None:
