@@ -25,3 +25,36 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: Path, tit
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+LEARNABILITY_COLUMNS = 4  # panels per row of the learnability figure
+
+
+def plot_learnability(rows: list[dict], metrics: dict[str, str], path: Path) -> Path:
+    """One panel per task: the model's score against training minutes, with the chance and
+    untrained rows as horizontal lines. `rows` are `bench learnability` rows; `metrics` names
+    each task's metric."""
+    names = list(metrics)
+    lines = (len(names) + LEARNABILITY_COLUMNS - 1) // LEARNABILITY_COLUMNS
+    figure, grid = plt.subplots(lines, LEARNABILITY_COLUMNS, figsize=(13, 3 * lines), dpi=100, squeeze=False)
+    model = [r for r in rows if r["row"] == "model"]
+    references = {r["row"]: r for r in rows if r["row"] != "model"}
+    for axes, name in zip(grid.flat, names, strict=False):
+        points = [(r["minutes"], r["scores"][name]) for r in model if r["scores"][name] is not None]
+        if points:
+            axes.plot(*zip(*points, strict=True), marker="o", label="model")
+        for label, style in (("chance", ":"), ("untrained", "--")):
+            value = references.get(label, {}).get("scores", {}).get(name)
+            if value is not None:
+                axes.axhline(value, linestyle=style, color="grey", label=label)
+        axes.set_title(f"{name}", fontsize=10)
+        axes.set_xlabel("training minutes (2 CPU ranks)", fontsize=8)
+        axes.set_ylabel(metrics[name], fontsize=8)
+        axes.grid(alpha=0.3)
+    for axes in list(grid.flat)[len(names) :]:
+        axes.axis("off")
+    grid.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

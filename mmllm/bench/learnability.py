@@ -17,6 +17,7 @@ from mmllm.evaluation.report import format_value
 from mmllm.evaluation.runner import EvalSettings, evaluate
 from mmllm.evaluation.tasks import get_task
 from mmllm.model.mmllm import MMLLM
+from mmllm.plots import plot_learnability
 
 
 def bench_learnability(
@@ -52,6 +53,7 @@ def bench_learnability(
         "rows": rows,
     }
     (out / "learnability.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    plot_learnability(rows, {name: get_task(name).metric for name in EVAL_TASKS}, out / "learnability.png")
     return result
 
 
