@@ -274,3 +274,22 @@ def test_prompt_with_a_modality_the_model_lacks_is_refused(toy_model):
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     with pytest.raises(LayoutError, match="no image tokenizer"):
         encode_prompts(toy_model, [chat("describe", image=image)])
+
+
+def test_text_stream_prints_text_as_it_forms_and_marks_media(toy_model):
+    import io
+
+    from mmllm.generation.streaming import TextStream
+
+    layout, tokenizer = toy_model.layout, toy_model.text_tokenizer
+    first = tokenizer("a large red circle", add_special_tokens=False)["input_ids"]
+    second = tokenizer(" is é drawn", add_special_tokens=False)["input_ids"]  # é: byte-fallback pieces
+    codes = np.zeros((8, 8), dtype=np.int64)
+    out = io.StringIO()
+    stream = TextStream(layout, tokenizer, out)
+    for token in [*first, *layout.span_ids("image", codes), *second]:
+        stream(0, token)
+        assert "\ufffd" not in out.getvalue()  # half a character is never printed
+    stream(1, first[0])  # another row's ids are not this stream's
+    stream.close()
+    assert out.getvalue() == f"{tokenizer.decode(first)}[image ...]{tokenizer.decode(second)}\n"
