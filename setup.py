@@ -40,9 +40,14 @@ setup(
         "tqdm>=4.66",
         # Loss curves and image grids in the demo report (Agg backend: no display needed).
         "matplotlib>=3.8",
+        # The OpenAI-compatible server (`mmllm serve`), and the official client the demo checks it with.
+        "fastapi>=0.110",
+        "uvicorn>=0.30",
+        "openai>=1.40",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        # pexpect: the chat CLI's tests type into a real pseudo-terminal.
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pexpect>=4.9"],
         # flash-attn builds only against CUDA; SDPA is the fallback everywhere else.
         "gpu": ["flash-attn>=2.6"],
     },

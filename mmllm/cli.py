@@ -9,12 +9,16 @@
     mmllm tokenizer evaluate score a tokenizer's round trip (quality, usage, oracle agreement)
     mmllm pretokenize        records -> Arrow shards of token ids (offline, sharded, resumable)
     mmllm pretrain           the DeepSpeed pretraining loop (also `deepspeed train/pretrain.py`)
+    mmllm finetune           LoRA, full or QLoRA finetuning on the same loop (also `deepspeed train/finetune.py`)
+    mmllm merge-lora         merge a LoRA adapter into a self-contained checkpoint
     mmllm bench model        our backbone against transformers' Llama, forward + backward
     mmllm bench train        our training loop against transformers' Trainer and a raw torch loop
     mmllm bench tokenizers   train, score and time the toy tokenizers
     mmllm bench generate     decode tokens/s against transformers' generate; batched vs sequential CFG
     mmllm bench learnability toy-task scores against minutes of CPU pretraining
     mmllm generate           a reply (text and media files) to one prompt
+    mmllm chat               a multi-turn chat in the terminal, media in and out
+    mmllm serve              an OpenAI-compatible HTTP API (chat, completions, images, speech, transcription)
     mmllm eval               score a model on registered tasks -> results.json
     mmllm demo               the end-to-end pipeline on the embedded toy world
 
@@ -151,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_arguments(pretrain)
     pretrain.set_defaults(handler=cmd_pretrain)
 
+    finetune = commands.add_parser("finetune", help="LoRA / full / QLoRA finetuning on the DeepSpeed loop")
+    add_training_arguments(finetune, "configs/finetune/*.yaml")
+    finetune.set_defaults(handler=cmd_finetune)
+
+    merge = commands.add_parser("merge-lora", help="merge a LoRA adapter into a self-contained checkpoint")
+    merge.add_argument("--model", required=True, help="the base checkpoint dir the adapter was trained on")
+    merge.add_argument("--adapter", required=True, help="a peft LoRA adapter dir (OUT/adapter of a finetuning run)")
+    merge.add_argument("--out", required=True, help="the merged, self-contained checkpoint dir")
+    merge.set_defaults(handler=cmd_merge_lora)
+
     bench = commands.add_parser("bench", help="benchmarks against named baselines")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_model = bench_commands.add_parser("model", help="backbone vs transformers' Llama, forward+backward on CPU")
@@ -238,6 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, help="dir for reply.json, reply.txt and media files")
     generate.set_defaults(handler=cmd_generate)
 
+    chat = commands.add_parser("chat", help="talk to a model in the terminal; media in and out")
+    add_model_arguments(chat)
+    chat.add_argument("--media-dir", default="chat_media", help="where generated media are saved")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.set_defaults(handler=cmd_chat)
+
+    from mmllm.serving.command import add_serve_arguments
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API over one checkpoint, media in and out")
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
+
     evaluate = commands.add_parser("eval", help="score a model on registered tasks -> results.json")
     add_model_arguments(evaluate, required=False)
     evaluate.add_argument("--tasks", help="comma-separated task names (see --list)")
@@ -264,6 +291,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     parser.add_argument("--adapter", help="a peft LoRA adapter dir, merged into the model")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if any)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: as stored)")
+    parser.add_argument(
+        "--device-map", help="'auto': place layers over the GPUs, CPU and disk with accelerate (large checkpoints)"
+    )
+    parser.add_argument("--max-memory", metavar="DEV=SIZE,...", help="with --device-map: e.g. 0=20GiB,cpu=60GiB")
+    parser.add_argument("--offload-folder", help="with --device-map: where layers that fit nowhere are offloaded")
 
 
 def _cuda() -> bool:
@@ -280,10 +312,32 @@ def load_model(args: argparse.Namespace):
     from mmllm.model.mmllm import MMLLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = MMLLM.from_pretrained(args.model, dtype=dtype, device=args.device)
+    if args.device_map:
+        model = MMLLM.from_pretrained(
+            args.model,
+            dtype=dtype,
+            device_map=args.device_map,
+            max_memory=parse_max_memory(args.max_memory),
+            offload_folder=args.offload_folder,
+        )
+    else:
+        model = MMLLM.from_pretrained(args.model, dtype=dtype, device=args.device)
     if args.adapter:
         model = apply_adapter(model, args.adapter)
     return model.eval()
+
+
+def parse_max_memory(spec: str | None) -> dict[int | str, str] | None:
+    """`0=20GiB,cpu=60GiB` -> {0: "20GiB", "cpu": "60GiB"} (accelerate's max_memory)."""
+    if not spec:
+        return None
+    memory: dict[int | str, str] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        device, sep, size = item.partition("=")
+        if not sep or not size:
+            raise MMLLMError(f"--max-memory {item!r}: expected DEVICE=SIZE, e.g. 0=20GiB or cpu=60GiB")
+        memory[int(device) if device.isdigit() else device] = size
+    return memory
 
 
 def parse_scales(spec: str) -> dict[str, float]:
@@ -304,6 +358,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from mmllm.generation.command import run_generate
 
     run_generate(load_model(args), args)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from mmllm.training.finetune import run_finetune
+
+    run_finetune(args)
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> None:
+    from mmllm.training.finetune import merge_lora
+
+    out = merge_lora(args.model, args.adapter, args.out)
+    print(f"merged {args.adapter} into {args.model} -> {out}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from mmllm.serving.chat import run_chat
+
+    run_chat(load_model(args), args)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from mmllm.serving.command import run_serve
+
+    run_serve(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -533,8 +612,8 @@ def cmd_tokenizer_evaluate(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="configs/pretrain/*.yaml")
+def add_training_arguments(parser: argparse.ArgumentParser, configs: str = "configs/pretrain/*.yaml") -> None:
+    parser.add_argument("--config", required=True, help=configs)
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (default: ZeRO-0); its 'auto' fields come from the YAML")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out/")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher

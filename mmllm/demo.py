@@ -1,20 +1,25 @@
 """`mmllm demo`: the pipeline on the toy world, every stage real, with a report.
 
 Toy world -> a SentencePiece text tokenizer and the four modality tokenizers -> the vocabulary
-layout -> pretokenized Arrow shards -> a 2-rank DeepSpeed (ZeRO-2) pretraining run -> checks that
-the trained checkpoint, its Hugging Face export, the re-import and KV-cached decoding give the
-same logits -> `mmllm eval` on every toy task, with the chance and untrained rows. It leaves
-OUT/model/ (a self-contained checkpoint), OUT/eval/results.json with the generated media, and
-OUT/report.md with the metrics table, an image grid, links to generated speech and the
-per-modality loss curves (OUT/loss_curves.png). `--fast` shrinks every stage so the test suite
-runs it; later stages (finetuning, chat) extend it. `prepare_data` and `pretrain` are also the
-first stages of `mmllm bench learnability`.
+layout -> pretokenized Arrow shards -> a 2-rank DeepSpeed (ZeRO-2) pretraining run -> a 2-rank
+LoRA SFT on the toy world's chat tasks, merged into OUT/model -> checks that the checkpoint, its
+Hugging Face export, the re-import and KV-cached decoding give the same logits -> `mmllm eval`
+on every toy task, with the chance and untrained rows -> a scripted chat that captions an image,
+draws one, transcribes and speaks toy speech, and acts on an instruction. It leaves OUT/model/
+(a self-contained checkpoint), OUT/eval/results.json with the generated media, OUT/chat/ with
+the chat's transcript and media, and OUT/report.md with the metrics table, an image grid, links
+to generated speech, the chat and the loss curves (OUT/loss_curves.png). `--fast` shrinks every
+stage so the test suite runs it. `prepare_data` and `pretrain` are also the first stages of
+`mmllm bench learnability`.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,18 +29,30 @@ import torch
 
 from mmllm.config import load_config
 from mmllm.data.interleaved import read_jsonl, record_texts
+from mmllm.data.media import write_media
 from mmllm.data.pretokenize import TokenizerBundle, load_shards, pretokenize
 from mmllm.data.toy_tasks import write_toyworld
-from mmllm.data.toyworld import caption_corpus
+from mmllm.data.toyworld import (
+    caption,
+    caption_corpus,
+    instruction,
+    render_image,
+    sample_reach,
+    sample_scene,
+    sample_sentence,
+    speak,
+)
 from mmllm.errors import MMLLMError
 from mmllm.evaluation.report import image_grid, results_table
 from mmllm.evaluation.runner import EvalSettings, evaluate
 from mmllm.model.mmllm import MMLLM
 from mmllm.plots import plot_loss_curves
+from mmllm.serving.session import ChatSession
 from mmllm.text_tokenizer import fingerprint, train_text_tokenizer
 from mmllm.tokenizers.evaluation import evaluate_tokenizer, held_out_items
 from mmllm.tokenizers.training import load_train_config, train_tokenizer
-from mmllm.training.launch import launch_ranks
+from mmllm.training.finetune import ADAPTER_DIR, merge_lora
+from mmllm.training.launch import free_port, launch_ranks
 from mmllm.training.loop import LOG_FILE
 from mmllm.vocab import VocabLayout, VocabSpec
 
@@ -56,6 +73,8 @@ class DemoScale:
     tokenizer_items: int | None  # None: the config's item count
     tokenizer_eval_items: int  # held-out items scored through each tokenizer's round trip
     eval_items: int  # held-out items per eval task
+    sft_items: int  # toy-world conversations of each SFT task for the LoRA stage
+    sft_overrides: tuple[str, ...]  # on top of configs/finetune/toy_lora.yaml
     model: str  # model config YAML
     pretrain_overrides: tuple[str, ...]  # on top of configs/pretrain/toy.yaml
 
@@ -66,6 +85,9 @@ FAST = DemoScale(
     tokenizer_items=256,
     tokenizer_eval_items=16,
     eval_items=200,  # TOYWORLD.md: 200 held-out items per task for --fast
+    sft_items=24,
+    # 10 steps at the pretraining row length: the LoRA stage runs end to end, it does not teach much
+    sft_overrides=("steps=10", "data.packing.seq_len=512", "optim.warmup_steps=2", "log_every=1", "save_every=0"),
     model="tiny.yaml",
     # 40 steps of 2 ranks x 4 rows x 512 tokens: every modality's loss visibly falls
     pretrain_overrides=(
@@ -83,6 +105,8 @@ FULL = DemoScale(
     tokenizer_items=None,
     tokenizer_eval_items=200,
     eval_items=500,  # TOYWORLD.md: at least 500 held-out items per task
+    sft_items=200,
+    sft_overrides=(),  # the config's 200 steps
     model="toy.yaml",
     pretrain_overrides=("steps=300",),  # 300 steps x 8k tokens = 2.5M tokens, a fraction of toy.yaml's 1000
 )
@@ -105,7 +129,19 @@ EVAL_TASKS = (  # every toy-world task of TOYWORLD.md but the reasoning ones (is
     "toy-text-ppl",
 )
 SHOWN_WAVS = 4  # generated speech files linked from the report
+SFT_TASKS = (  # the chat tasks of the toy world with one reply each (toy-interleaved is a document)
+    "toy-caption",
+    "toy-vqa",
+    "toy-draw",
+    "toy-transcribe",
+    "toy-speak",
+    "toy-motion",
+    "toy-animate",
+    "toy-act",
+)
 SHOWN_TASK = "toy-caption"  # the report shows this task's first document as the exported tokenizer names it
+SERVED_NAME = "demo"  # the model id the demo's server answers to
+SERVER_STARTUP_SECONDS = 120  # importing torch and FastAPI and loading the model: ~5 s quiet, more when busy
 RANKS = 2  # the pretraining stage is a real multi-rank DeepSpeed run, even on a laptop
 
 
@@ -215,6 +251,15 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
     )
 
     t = time.perf_counter()
+    sft = finetune_lora(out, scale, seed)
+    stages.done(
+        "LoRA SFT",
+        t,
+        f"{len(sft)} steps on {RANKS} ranks on {len(SFT_TASKS)} chat tasks, loss {sft[0]['loss']:.2f} -> "
+        f"{sft[-1]['loss']:.2f}; merged into {out / 'model'}",
+    )
+
+    t = time.perf_counter()
     model = MMLLM.from_pretrained(out / "model").eval()
     shards = load_shards(data.shards, data.layout)
     example = next(row for row in shards if row["task"] == SHOWN_TASK)
@@ -231,6 +276,14 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
     evaluation = _eval_section(results, out)
     stages.done("eval", t, f"{len(EVAL_TASKS)} tasks x {scale.eval_items} items -> {out / 'eval' / 'results.json'}")
 
+    t = time.perf_counter()
+    chat = scripted_chat(model, out / "chat", seed)
+    stages.done("scripted chat", t, f"{len(chat) // 2} turns -> {out / 'chat' / 'transcript.json'}")
+
+    t = time.perf_counter()
+    smoke = server_smoke_check(out / "model", out / "serve.log")
+    stages.done("server", t, f"`mmllm serve` answered the openai client: {', '.join(smoke['checked'])}")
+
     path = out / "report.md"
     path.write_text(
         _report(
@@ -242,11 +295,125 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
             curves,
             checks,
             evaluation,
+            [*_chat_section(chat, out), *_server_section(smoke)],
             time.perf_counter() - start,
         ),
         encoding="utf-8",
     )
     return path
+
+
+def finetune_lora(out: Path, scale: DemoScale, seed: int) -> list[dict]:
+    """LoRA SFT of the pretrained model on the toy world's chat tasks (2 ranks, ZeRO-2), merged
+    into OUT/model; returns the run's step log."""
+    world = write_toyworld(out / "sft_world", scale.sft_items, seed, tasks=SFT_TASKS, split="sft")
+    base = out / "pretrain" / "model"
+    report = pretokenize(
+        read_jsonl(world["path"]), Path(world["path"]).parent, base, out / "sft_shards", progress=False
+    )
+    if report.skipped:
+        raise MMLLMError(f"pretokenize skipped {report.skipped} SFT records: {report.failures[0]['error']}")
+    run = out / "finetune"
+    settings = [
+        f"finetune.base_model={base}",
+        f"out={run}",
+        "data.sources=" + json.dumps([{"path": str(out / "sft_shards")}]),
+        f"seed={seed}",
+        *scale.sft_overrides,
+    ]
+    config = CONFIGS / "finetune" / "toy_lora.yaml"
+    deepspeed_config = CONFIGS / "deepspeed" / "zero2.json"
+    launch_ranks(
+        ["finetune", "--config", str(config), "--deepspeed", str(deepspeed_config), *settings],
+        RANKS,
+        out / "finetune.log",
+    )
+    shutil.rmtree(out / "model", ignore_errors=True)
+    merge_lora(base, run / ADAPTER_DIR, out / "model")
+    history = [json.loads(line) for line in (run / LOG_FILE).read_text().splitlines()]
+    return [r for r in history if "loss" in r]
+
+
+def scripted_chat(model: MMLLM, out: Path, seed: int) -> list[dict]:
+    """A chat that captions an image, draws one, transcribes and speaks toy speech, and acts on an
+    instruction; the inputs and replies are saved under `out`. Returns the transcript."""
+    rng = random.Random(f"demo-chat/{seed}")
+    scene, reach = sample_scene(rng, 1), sample_reach(rng)
+    sentence = sample_sentence(rng)
+    inputs = {
+        "scene.png": ("image", render_image(scene)),
+        "speech.wav": ("audio", speak(sentence)),
+        "reach.png": ("image", render_image(reach.scene)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (modality, array) in inputs.items():
+        write_media(modality, out / name, array)
+    goal = reach.scene[reach.target]
+    turns = [
+        ("scene.png", "Describe the image."),
+        (None, f"Draw {caption(scene)}."),
+        ("speech.wav", "Transcribe the speech."),
+        (None, f"Say: {sentence}"),
+        ("reach.png", instruction(goal)),
+    ]
+    session = ChatSession(model, out)
+    for attachment, text in turns:
+        if attachment is not None:
+            modality, array = inputs[attachment]
+            session.attach(modality, array, attachment)
+        session.ask(text)
+    session.save(out / "transcript.json")
+    return session.transcript
+
+
+def server_smoke_check(model_dir: Path, log: Path) -> dict:
+    """Start `mmllm serve` on the model and talk to it with the official openai client: a chat
+    reply, a drawn image and the model list. Returns what came back."""
+    import base64
+
+    from openai import OpenAI
+
+    port = free_port()
+    command = [sys.executable, "-m", "mmllm", "serve", "--model", str(model_dir), "--port", str(port)]
+    command += ["--model-name", SERVED_NAME, "--device", "cpu"]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        _wait_for_health(process, port, log)
+        ask = [{"role": "user", "content": "Describe a large red circle at the top left."}]
+        chat = client.chat.completions.create(model=SERVED_NAME, messages=ask, temperature=0, max_tokens=24)
+        image = client.images.generate(model=SERVED_NAME, prompt="Draw a small blue star at the center.")
+        png = base64.b64decode(image.data[0].b64_json)
+        if png[:4] != b"\x89PNG":
+            raise DemoCheckFailed("the server's image is not a PNG")
+        models = [m.id for m in client.models.list().data]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return {
+        "checked": ["chat completion", "image generation", "model list"],
+        "chat": chat.choices[0].message.content,
+        "image_bytes": len(png),
+        "models": models,
+    }
+
+
+def _wait_for_health(process: subprocess.Popen, port: int, log: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + SERVER_STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DemoCheckFailed(f"`mmllm serve` exited with {process.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):  # the port is not open yet
+            time.sleep(0.2)
+    raise DemoCheckFailed(f"`mmllm serve` did not answer /health in {SERVER_STARTUP_SECONDS} s; see {log}")
 
 
 def _train_modality_tokenizers(root: Path, scale: DemoScale, seed: int):
@@ -355,11 +522,42 @@ def _eval_section(results: dict, out: Path) -> list[str]:
     return [*lines, ""]
 
 
-def _report(layout, model, tokens, stages, tokenizer_rows, curves, checks, evaluation, seconds) -> str:
+def _chat_section(transcript: list[dict], out: Path) -> list[str]:
+    """The scripted chat as a table: what the user sent, what the model answered (media linked)."""
+
+    def show(content: list[dict], folder: str) -> str:
+        shown = []
+        for part in content:
+            if part["type"] == "text":
+                shown.append(part["text"].replace("|", "\\|").replace("\n", " "))
+            else:
+                path = Path(part.get("file") or part["source"])
+                link = path.relative_to(out) if path.is_absolute() else Path(folder) / path
+                shown.append(f"[{part['type']}]({link.as_posix()})")
+        return " ".join(shown) or "—"
+
+    lines = ["## A scripted chat with the finetuned model", "", "| user | assistant |", "|---|---|"]
+    for user, assistant in zip(transcript[::2], transcript[1::2], strict=True):
+        lines.append(f"| {show(user['content'], 'chat')} | {show(assistant['content'], 'chat')} |")
+    return [*lines, "", "Transcript: [chat/transcript.json](chat/transcript.json).", ""]
+
+
+def _server_section(smoke: dict) -> list[str]:
+    return [
+        "## `mmllm serve` smoke check (the official openai client)",
+        "",
+        f"- `GET /v1/models`: {', '.join(smoke['models'])}",
+        f"- `POST /v1/chat/completions` (greedy, 24 tokens): {smoke['chat']!r}",
+        f"- `POST /v1/images/generations`: a {smoke['image_bytes']:,}-byte PNG",
+        "",
+    ]
+
+
+def _report(layout, model, tokens, stages, tokenizer_rows, curves, checks, evaluation, chat, seconds) -> str:
     lines = ["# mmllm demo report", "", f"Wall time: {seconds:.1f} s.", "", "## Stages", ""]
     lines += ["| stage | seconds | result |", "|---|---|---|"]
     lines += [f"| {name} | {secs:.1f} | {detail} |" for name, secs, detail in stages]
-    lines += ["", *evaluation]
+    lines += ["", *evaluation, *chat]
     lines += ["## Modality tokenizers (round trip on held-out toy items, read by the oracles)", ""]
     lines += [
         "| modality | tokenizer | steps | seconds | tokens/item | oracle agreement |",

@@ -156,6 +156,15 @@ def test_demo_fast_pretrains_on_two_ranks_and_reports_falling_losses(capsys, tmp
     assert "| toy-draw | accuracy ↑ |" in report and "![image grid](image_grid.png)" in report
     wav = re.search(r"\]\((eval/media/toy-speak/[^)]+\.wav)\)", report)
     assert wav and (out / wav.group(1)).is_file()
+    sft = [json.loads(line) for line in (out / "finetune" / "log.jsonl").read_text().splitlines()]
+    assert len([r for r in sft if "loss" in r]) == 10
+    assert (out / "finetune" / "adapter" / "adapter_config.json").is_file()
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged: a plain checkpoint
+    transcript = json.loads((out / "chat" / "transcript.json").read_text())["messages"]
+    replies = [part["type"] for message in transcript[1::2] for part in message["content"] if part["type"] != "text"]
+    assert replies == ["image", "audio", "action"]  # drawn, spoken, acted
+    assert "| [image](chat/scene.png) Describe the image. |" in report
+    assert "- `GET /v1/models`: demo" in report and "-byte PNG" in report  # the openai client talked to `serve`
 
 
 # ---------------------------------------------------------------------- bad input: one line each

@@ -81,6 +81,9 @@ def test_readme_commands_and_example_run(tmp_path, monkeypatch, caption_file, te
         "serve/export_hf.py",
         "eval/bench.py",
         "eval/run.py",
+        "serve/chat.py",
+        "serve/server.py",
+        "train/finetune.py",
     ],
 )
 def test_entry_scripts_are_thin_and_run(script):

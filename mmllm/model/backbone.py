@@ -561,6 +561,18 @@ class CausalLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
 
+    # The accessors transformers models have, which peft uses: LoRA's trainable token rows find
+    # the embedding through them, and the head tied to it through `_tied_weights_keys`.
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @property
+    def _tied_weights_keys(self) -> dict[str, str] | None:
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else None
+
     def attach_hook(self, hook: BackboneHook) -> BackboneHook:
         """Attach a plug-in at the hook points; hooks run in the order attached."""
         self.model.hooks.append(hook)

@@ -102,11 +102,20 @@ class MMLLM(CausalLM):
         text_tokenizer: Any = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
+        offload_folder: str | Path | None = None,
     ) -> MMLLM:
         """Load a native checkpoint dir or a local HF Llama/Qwen2/Mistral/Qwen3 dir.
 
         Weights keep their stored dtype unless `dtype` is given. `text_tokenizer` overrides
         (or supplies) the text tokenizer, e.g. for a HF dir that has none.
+
+        With `device_map` ("auto", or accelerate's {module: device}) a checkpoint larger than
+        one device loads through accelerate: the model is built with empty weights, placed
+        decoder layer by decoder layer within `max_memory` ({0: "20GiB", "cpu": "60GiB"}),
+        and what fits nowhere is offloaded to `offload_folder` on disk; each shard is read
+        straight onto its device, never the whole state dict at once.
         """
         path = Path(path)
         if not path.is_dir():
@@ -124,6 +133,12 @@ class MMLLM(CausalLM):
             text_tokenizer = _find_text_tokenizer(path, layout)
         if layout is not None and text_tokenizer is not None:
             check_text_tokenizer(layout, text_tokenizer, str(path))
+        if device_map is not None:
+            placement = (device_map, max_memory, offload_folder)
+            model = _dispatched(cls, path, config, layout, text_tokenizer, dtype, *placement)
+            for name, tokenizer_dir in sorted(_modality_tokenizer_dirs(path).items()):
+                model.set_modality_tokenizer(name, load_tokenizer(tokenizer_dir))
+            return model
         state = load_weights(path)
         embed = state.get("model.embed_tokens.weight")
         if embed is not None and embed.shape[0] != config.vocab_size:
@@ -249,6 +264,39 @@ class MMLLM(CausalLM):
         self.config.vocab_size = layout.padded_size
         self.layout = layout
         logger.info("extended the vocabulary from %d to %d rows", rows, layout.padded_size)
+
+
+DISPATCH_UNIT = "DecoderLayer"  # accelerate never splits a decoder layer across devices
+
+
+def _dispatched(cls, path, config, layout, text_tokenizer, dtype, device_map, max_memory, offload_folder) -> MMLLM:
+    """The model built with empty weights and loaded shard by shard onto accelerate's device map."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights, load_checkpoint_in_model
+
+    with init_empty_weights():
+        model = cls(config, layout, text_tokenizer)
+    model.model.rotary_emb.inv_freq = rope_frequencies(config)[0]
+    if device_map == "auto":
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=[DISPATCH_UNIT])
+    device_map = dict(device_map)
+    if set(device_map.values()) == {"disk"}:
+        raise CheckpointError(f"{path}: max_memory leaves no module on a device (raise it: the largest layer must fit)")
+    if config.tie_word_embeddings:
+        # One tensor serves as embedding and head: both live on the first real device (the
+        # checkpoint stores it once, under the embedding's name).
+        first = next(d for d in device_map.values() if d != "disk")
+        device_map = {k: v for k, v in device_map.items() if k not in ("", "model")}
+        device_map.update({"model.embed_tokens": first, "lm_head": first})
+    offload = str(offload_folder) if offload_folder else None
+    if "disk" in device_map.values() and offload is None:
+        raise CheckpointError(f"{path}: the device map offloads to disk; give an offload folder (--offload-folder)")
+    try:
+        load_checkpoint_in_model(model, str(path), device_map=device_map, offload_folder=offload, dtype=dtype)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return dispatch_model(model, device_map=device_map, offload_dir=offload)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{path}: cannot dispatch the model ({type(err).__name__}: {err})") from None
 
 
 def _new_rows(old: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

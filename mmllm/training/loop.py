@@ -24,6 +24,9 @@ the same rows.
 
 Freeze stages (`stages:` in the YAML, `FreezePlan`) train only some parts for a number of steps:
 Anole's recipe trains the new vocabulary rows and the norms of an imported model first.
+
+`ModelHooks` say what is trained and what checkpoints keep: pretraining's by default; finetuning
+(`mmllm.training.finetune`) wraps the model with LoRA before DeepSpeed and keeps the adapter.
 """
 
 from __future__ import annotations
@@ -53,7 +56,13 @@ from mmllm.model.backbone import RMSNorm
 from mmllm.model.config import ModelConfig
 from mmllm.model.mmllm import MMLLM
 from mmllm.model.weights import atomic_directory
-from mmllm.training.checkpoint import latest_checkpoint, load_checkpoint, needs_universal_load, save_checkpoint
+from mmllm.training.checkpoint import (
+    MODEL_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    needs_universal_load,
+    save_checkpoint,
+)
 from mmllm.training.config import PretrainConfig, StageConfig
 from mmllm.training.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config, zero_stage
 from mmllm.training.launch import free_port
@@ -154,11 +163,28 @@ def build_model(config: PretrainConfig) -> MMLLM:
     return model
 
 
-def initial_model(config: PretrainConfig) -> MMLLM:
+class ModelHooks:
+    """What a run trains and what its checkpoints keep. These defaults are pretraining's: the model
+    itself, saved as a self-contained dir. Finetuning (`mmllm.training.finetune`) overrides them."""
+
+    output = MODEL_DIR  # the final checkpoint's `output` dir is published as OUT/<output>
+
+    def prepare(self, model: MMLLM, config: PretrainConfig) -> MMLLM:
+        """The module to train, made from the built model before the optimizer and `deepspeed.initialize`
+        (LoRA injects its adapters here, so they are the parameters DeepSpeed and AdamW see)."""
+        return model
+
+    def saved(self, model: MMLLM) -> Any:
+        """What each checkpoint saves: an object with `parameters()` (gathered first under ZeRO-3) and
+        `save_pretrained(CHECKPOINT/model)`."""
+        return model
+
+
+def initial_model(config: PretrainConfig, hooks: ModelHooks | None = None) -> MMLLM:
     """The model a run starts from (seeded as `train` seeds it), so tests can compare against it."""
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    return build_model(config)
+    return (hooks or ModelHooks()).prepare(build_model(config), config)
 
 
 def lr_factor(step: int, config: PretrainConfig) -> float:
@@ -333,7 +359,9 @@ def train(
     deepspeed_config: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    hooks: ModelHooks | None = None,
 ) -> TrainResult:
+    hooks = hooks or ModelHooks()
     device = setup_distributed()
     import deepspeed
 
@@ -355,7 +383,8 @@ def train(
         # The engine reads the optimizer state from a universal checkpoint (load_checkpoint).
         resolved["checkpoint"] = {**resolved.get("checkpoint", {}), "load_universal": True}
 
-    model = initial_model(config)
+    model = initial_model(config, hooks)
+    saved = hooks.saved(model)
     modality_names = tuple(model.layout.modalities)
     stream = RowStream(config, model)
     validation = validation_rows(config, model)
@@ -434,15 +463,15 @@ def train(
         if validation and config.eval_every and step % config.eval_every == 0:
             log.write({"step": step, "val_loss": evaluate(engine, validation, device, objectives, modality_names)})
         if config.save_every and step % config.save_every == 0 and step < config.steps:
-            save_checkpoint(engine, model, out, step, _state(step, stream, nonfinite_total), config.keep_last)
+            save_checkpoint(engine, saved, out, step, _state(step, stream, nonfinite_total), config.keep_last)
     bar.close()
     if validation:
         log.write({"step": step, "val_loss": evaluate(engine, validation, device, objectives, modality_names)})
     log.close()
-    final = save_checkpoint(engine, model, out, step, _state(step, stream, nonfinite_total), config.keep_last)
-    model_dir = out / "model"
+    final = save_checkpoint(engine, saved, out, step, _state(step, stream, nonfinite_total), config.keep_last)
+    model_dir = out / hooks.output
     if rank == 0:
-        _publish_model(final, model_dir)
+        _publish_model(final / hooks.output, model_dir)
     dist.barrier()
     return TrainResult(step, last_loss, model_dir, nonfinite_total, rank, history, engine)
 
@@ -498,10 +527,10 @@ def _state(step: int, stream: RowStream, nonfinite: int) -> dict[str, Any]:
     return {"step": step, "rows_consumed": stream.consumed, "nonfinite_skipped": nonfinite}
 
 
-def _publish_model(checkpoint: Path, model_dir: Path) -> None:
-    """Copy the final checkpoint's model dir to OUT/model atomically."""
+def _publish_model(source: Path, model_dir: Path) -> None:
+    """Copy the final checkpoint's model (or adapter) dir to OUT/model (OUT/adapter) atomically."""
     with atomic_directory(model_dir) as tmp:
-        shutil.copytree(checkpoint / "model", tmp, dirs_exist_ok=True)
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
