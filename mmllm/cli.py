@@ -16,6 +16,7 @@
     mmllm bench tokenizers   train, score and time the toy tokenizers
     mmllm bench generate     decode tokens/s against transformers' generate; batched vs sequential CFG
     mmllm bench learnability toy-task scores against minutes of CPU pretraining
+    mmllm bench serve        requests/s of `mmllm serve`, concurrent vs one at a time
     mmllm generate           a reply (text and media files) to one prompt
     mmllm chat               a multi-turn chat in the terminal, media in and out
     mmllm serve              an OpenAI-compatible HTTP API (chat, completions, images, speech, transcription)
@@ -229,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_learn.add_argument("--fast", action="store_true", help="the demo's --fast data and model (a quick check)")
     bench_learn.set_defaults(handler=cmd_bench_learnability)
 
+    bench_serve = bench_commands.add_parser(
+        "serve", help="requests/s of `mmllm serve`: concurrent (batched) vs one at a time, same replies"
+    )
+    bench_serve.add_argument("--model", required=True, help="checkpoint dir (e.g. demo_out/model)")
+    bench_serve.add_argument("--requests", type=int, default=16, help="requests per pass (default 16)")
+    bench_serve.add_argument("--tokens", type=int, default=48, help="new tokens per request (default 48)")
+    bench_serve.add_argument("--repeats", type=int, default=3, help="alternating timed repeats (default 3)")
+    bench_serve.add_argument("--log", default="bench_serve.log", help="the server's log file")
+    bench_serve.add_argument("--out", help="also write the result as JSON")
+    bench_serve.set_defaults(handler=cmd_bench_serve)
+
     generate = commands.add_parser("generate", help="reply to one prompt; writes text and media files")
     add_model_arguments(generate)
     generate.add_argument("--prompt", required=True, help="the user's text")
@@ -429,6 +441,15 @@ def cmd_bench_learnability(args: argparse.Namespace) -> None:
 
     result = bench_learnability(Path(args.out), args.steps, args.save_every, args.eval_items, args.seed, args.fast)
     print(format_learnability(result))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from mmllm.bench.serve import bench_serve, format_serve_bench
+
+    result = bench_serve(Path(args.model), args.requests, args.tokens, args.repeats, Path(args.log))
+    print(format_serve_bench(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def cmd_vocab_train_text(args: argparse.Namespace) -> None:

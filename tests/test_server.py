@@ -603,3 +603,11 @@ def test_concurrent_requests_equal_sequential_ones(client, server):
     assert concurrent == sequential
     assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < 16
     print(f"16 requests: sequential {sequential_seconds:.2f} s, concurrent {concurrent_seconds:.2f} s")
+
+
+def test_bench_serve_times_batched_against_one_at_a_time(tmp_path, model_dir):
+    from mmllm.bench.serve import bench_serve, format_serve_bench
+
+    result = bench_serve(model_dir, requests=4, tokens=4, repeats=1, log=tmp_path / "serve.log")
+    assert result["ratio"] > 0 and set(result["requests_per_s"]) == {"sequential", "concurrent"}
+    assert "identical replies" in format_serve_bench(result)
