@@ -63,7 +63,7 @@ def _row(step: int, minutes: float, results: dict, reference: str | None) -> dic
     for name, task in results["tasks"].items():
         metrics = task["references"][reference] if reference else task["metrics"]
         scores[name] = metrics.get(task["metric"])
-    return {"step": step, "minutes": round(minutes, 2), "row": reference or "model", "scores": scores}
+    return {"step": step, "minutes": minutes, "row": reference or "model", "scores": scores}
 
 
 def _tokens_per_step(out: Path) -> int:
