@@ -129,16 +129,8 @@ EVAL_TASKS = (  # every toy-world task of TOYWORLD.md but the reasoning ones (is
     "toy-text-ppl",
 )
 SHOWN_WAVS = 4  # generated speech files linked from the report
-SFT_TASKS = (  # the chat tasks of the toy world with one reply each (toy-interleaved is a document)
-    "toy-caption",
-    "toy-vqa",
-    "toy-draw",
-    "toy-transcribe",
-    "toy-speak",
-    "toy-motion",
-    "toy-animate",
-    "toy-act",
-)
+# The chat tasks, one reply each: toy-interleaved is a document, and toy-text-ppl only scores text.
+SFT_TASKS = tuple(task for task in EVAL_TASKS if task not in ("toy-interleaved", "toy-text-ppl"))
 SHOWN_TASK = "toy-caption"  # the report shows this task's first document as the exported tokenizer names it
 SERVED_NAME = "demo"  # the model id the demo's server answers to
 SERVER_STARTUP_SECONDS = 120  # importing torch and FastAPI and loading the model: ~5 s quiet, more when busy
