@@ -133,3 +133,18 @@ def toy_model(text_tokenizer):
     config = ModelConfig.from_yaml(REPO / "configs" / "model" / "tiny.yaml", ["initializer_range=0.3"])
     layout = toy_vocab_layout(text_tokenizer)
     return MMLLM.from_config(config, layout, text_tokenizer, random_toy_tokenizers()).eval()
+
+
+def write_yaml(path: Path, config: dict, overrides: dict) -> Path:
+    """`config` with dotted-key `overrides` (`optim.lr=...`) applied, written as YAML to `path`."""
+    import yaml
+
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mmllm.data.interleaved import read_jsonl
 from mmllm.data.pretokenize import pretokenize
@@ -24,7 +23,7 @@ from mmllm.model.mmllm import MMLLM
 from mmllm.model.weights import load_weights
 from mmllm.training.launch import free_port
 
-from .conftest import random_toy_tokenizers, toy_vocab_layout
+from .conftest import random_toy_tokenizers, toy_vocab_layout, write_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "ds_finetune_worker.py"
@@ -84,15 +83,7 @@ def write_config(path: Path, data: Path, **overrides) -> Path:
         "log_every": 100,
         "threads": 1,
     }
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_yaml(path, config, overrides)
 
 
 def run(command: list[str], ranks: int) -> str:

@@ -24,7 +24,7 @@ from mmllm.errors import ConfigError, LayoutError
 from mmllm.model.weights import load_weights
 from mmllm.training.launch import free_port
 
-from .conftest import random_toy_tokenizers, save_tiny_hf, toy_vocab_layout
+from .conftest import random_toy_tokenizers, save_tiny_hf, toy_vocab_layout, write_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "ds_worker.py"
@@ -112,15 +112,7 @@ def write_config(path: Path, toy_data: Path, **overrides) -> Path:
         "log_every": 100,
         "threads": 1,
     }
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_yaml(path, config, overrides)
 
 
 def launch(ranks: int, config: Path, ds_config: str | None, out: Path, *extra: str, env=None, wait=True):
