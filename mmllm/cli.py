@@ -308,6 +308,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     )
     parser.add_argument("--max-memory", metavar="DEV=SIZE,...", help="with --device-map: e.g. 0=20GiB,cpu=60GiB")
     parser.add_argument("--offload-folder", help="with --device-map: where layers that fit nowhere are offloaded")
+    parser.add_argument(
+        "--reducer", metavar="NAME[:key=val,...]", help="a visual-token reducer, e.g. fastv:layer=2,ratio=0.5"
+    )
 
 
 def _cuda() -> bool:
@@ -336,6 +339,10 @@ def load_model(args: argparse.Namespace):
         model = MMLLM.from_pretrained(args.model, dtype=dtype, device=args.device)
     if args.adapter:
         model = apply_adapter(model, args.adapter)
+    if args.reducer:
+        from mmllm.model.reducers import attach_reducer
+
+        attach_reducer(model, args.reducer)
     return model.eval()
 
 
