@@ -52,7 +52,7 @@ def test_spec_strings_and_bad_input(toy_model):
         parse_spec("fastv:ratio")
 
 
-@pytest.mark.parametrize("spec", ["fastv:layer=1,ratio=0", "dart:layer=1,ratio=0"])
+@pytest.mark.parametrize("spec", ["fastv:layer=1,ratio=0", "dart:layer=1,ratio=0", "pdrop:ratio=0"])
 def test_ratio_zero_gives_identical_logits_and_ids(toy_model, spec):
     prompts = image_prompts(toy_model, 2)
     config = GenerationConfig(max_new_tokens=8, stop_ids=())
@@ -72,6 +72,7 @@ def test_ratio_zero_gives_identical_logits_and_ids(toy_model, spec):
         "fastv:layer=1,ratio=0.5,queries=text",
         "dart:layer=1,ratio=0.75,pivots=4",
         "fastv:layer=0,ratio=0.5",
+        "pdrop:layers=1,ratio=0.75",
     ],
 )
 def test_batched_equals_per_sample_and_the_cache_holds_what_was_kept(toy_model, spec):
@@ -195,3 +196,42 @@ def test_generate_and_eval_take_a_reducer_spec(toy_model, tmp_path):
         )
         == 2
     )
+
+
+def test_pyramid_drop_shrinks_the_cache_stage_by_stage(text_tokenizer):
+    from mmllm.model.config import ModelConfig
+    from mmllm.model.mmllm import MMLLM
+
+    from .conftest import REPO, random_toy_tokenizers, toy_vocab_layout
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_yaml(
+        REPO / "configs" / "model" / "tiny.yaml", ["num_hidden_layers=4", "initializer_range=0.3"]
+    )
+    model = MMLLM.from_config(config, toy_vocab_layout(text_tokenizer), text_tokenizer, random_toy_tokenizers()).eval()
+    prompts = image_prompts(model, 3, images_per_prompt=(2, 1, 2))
+    reducer = attach_reducer(model, "pdrop:layers=1/3,ratio=0.5")
+    assert reducer.stages == [1, 3]
+    generator = Generator(model)
+    config = GenerationConfig(max_new_tokens=5, stop_ids=())
+    batched = [o.ids for o in generator.generate(prompts, config)]
+    assert batched == [generator.generate([p], config)[0].ids for p in prompts]
+    (prompt,) = prompts[:1]
+    cache = model.new_kv_cache()
+    with torch.no_grad():
+        model(torch.tensor([prompt]), kv_cache=cache)
+    visual = 2 * IMAGE_TOKENS
+    first = visual - visual // 2
+    second = first - first // 2
+    full = len(prompt)
+    assert [layer.length for layer in cache.layers] == [
+        full,
+        full - (visual - first),
+        full - (visual - first),
+        full - (visual - second),
+    ]
+    assert reducer.kept_counts == [second]
+    with pytest.raises(ConfigError, match="layers must be increasing"):
+        attach_reducer(model, "pdrop:layers=3/1")
+    with pytest.raises(ConfigError, match="stage boundaries are layers >= 1"):
+        attach_reducer(model, "pdrop:layers=0/2")

@@ -66,10 +66,17 @@ class FastV(_LayerReducer):
         self._model = [backbone]
 
     def score(self, state: TokenState, visual: Tensor) -> Tensor:
+        return self.attention_received(state, visual, self.layer)
+
+    def attention_received(self, state: TokenState, visual: Tensor, layer_index: int) -> Tensor:
+        """(B, T): the attention each token receives from the scoring queries at layer `layer_index`,
+        averaged over heads (and over the scoring queries)."""
         if not self._model:
-            raise ConfigError("reducer fastv: attach it with attach_reducer(model, reducer) so it can read the layer")
+            raise ConfigError(
+                f"reducer {self.name}: attach it with attach_reducer(model, spec) so it can read the layer"
+            )
         backbone = self._model[0]
-        layer = backbone.layers[self.layer]
+        layer = backbone.layers[layer_index]
         attention = layer.self_attn
         normed = layer.input_layernorm(state.hidden)
         rows = self._scoring_rows(state, visual)  # (B, S) slot indices of the scoring queries
@@ -121,6 +128,38 @@ class FastV(_LayerReducer):
         counts = text.sum(dim=1, keepdim=True).clamp(min=1)
         present = torch.arange(rows.shape[1], device=rows.device)[None, :] < text.sum(dim=1, keepdim=True)
         return torch.where(present, 1.0 / counts, torch.zeros_like(counts, dtype=torch.float32)).float()
+
+
+@register_reducer
+class PyramidDrop(FastV):
+    name = "pdrop"
+
+    def __init__(
+        self, layout, num_layers: int, layers: str | int = "", ratio: float = 0.5, queries: str = "last"
+    ) -> None:
+        stages = [int(v) for v in str(layers).split("/") if v] if layers != "" else _quarters(num_layers)
+        if not stages or stages != sorted(set(stages)):
+            raise ConfigError(f"reducer pdrop: layers must be increasing, e.g. layers=2/4/6, got {layers!r}")
+        super().__init__(layout, num_layers, stages[0], ratio, queries)
+        self.stages = [check_layer(self.name, layer, num_layers) for layer in stages]
+        if self.stages[0] == 0:
+            raise ConfigError(
+                "reducer pdrop: stage boundaries are layers >= 1 (a stage before the first layer is prellm's)"
+            )
+
+    def on_embed(self, state: TokenState, cache: KVCache | None) -> TokenState:
+        return state
+
+    def on_layer_end(self, layer_idx: int, state: TokenState, cache: KVCache | None) -> TokenState:
+        if layer_idx + 1 not in self.stages or self.ratio == 0.0:
+            return state
+        return self.reduce(state, cache, lambda s, v: self.attention_received(s, v, layer_idx + 1))
+
+
+def _quarters(num_layers: int) -> list[int]:
+    """PyramidDrop's default: four stages of equal depth, a drop at each inner boundary."""
+    bounds = sorted({round(num_layers * q / 4) for q in (1, 2, 3)} - {0, num_layers})
+    return bounds or [1]
 
 
 @register_reducer
