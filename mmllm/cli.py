@@ -380,9 +380,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from mmllm.training.finetune import run_finetune
+    from mmllm.training.finetune import finetune, load_finetune_config
 
-    run_finetune(args)
+    run_training(args, load_finetune_config, finetune, "finetuned")
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> None:
@@ -673,14 +673,20 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from mmllm.training.config import load_pretrain_config
-    from mmllm.training.launch import end_rank
-    from mmllm.training.loop import shutdown_distributed, train
+    from mmllm.training.loop import train
 
-    config = load_pretrain_config(args.config, args.overrides)
-    result = train(config, deepspeed_config=args.deepspeed, resume=args.resume)
+    run_training(args, load_pretrain_config, train, "pretrained")
+
+
+def run_training(args: argparse.Namespace, load_config, run, done: str) -> None:
+    """Load the YAML with its overrides, run it on this rank, and end the rank cleanly."""
+    from mmllm.training.launch import end_rank
+    from mmllm.training.loop import shutdown_distributed
+
+    result = run(load_config(args.config, args.overrides), deepspeed_config=args.deepspeed, resume=args.resume)
     shutdown_distributed()
     if result.rank == 0:
-        print(f"pretrained {result.steps} steps, final loss {result.final_loss:.4f} -> {result.model_dir}")
+        print(f"{done} {result.steps} steps, final loss {result.final_loss:.4f} -> {result.model_dir}")
     end_rank()
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,12 +45,13 @@ from mmllm.evaluation.report import image_grid, results_table
 from mmllm.evaluation.runner import EvalSettings, evaluate
 from mmllm.model.mmllm import MMLLM
 from mmllm.plots import plot_loss_curves
+from mmllm.serving.process import served
 from mmllm.serving.session import ChatSession
 from mmllm.text_tokenizer import fingerprint, train_text_tokenizer
 from mmllm.tokenizers.evaluation import evaluate_tokenizer, held_out_items
 from mmllm.tokenizers.training import load_train_config, train_tokenizer
 from mmllm.training.finetune import ADAPTER_DIR, merge_lora
-from mmllm.training.launch import free_port, launch_ranks
+from mmllm.training.launch import launch_ranks
 from mmllm.training.loop import LOG_FILE
 from mmllm.vocab import VocabLayout, VocabSpec
 
@@ -133,7 +132,6 @@ SHOWN_WAVS = 4  # generated speech files linked from the report
 SFT_TASKS = tuple(task for task in EVAL_TASKS if task not in ("toy-interleaved", "toy-text-ppl"))
 SHOWN_TASK = "toy-caption"  # the report shows this task's first document as the exported tokenizer names it
 SERVED_NAME = "demo"  # the model id the demo's server answers to
-SERVER_STARTUP_SECONDS = 120  # importing torch and FastAPI and loading the model: ~5 s quiet, more when busy
 RANKS = 2  # the pretraining stage is a real multi-rank DeepSpeed run, even on a laptop
 
 
@@ -365,47 +363,21 @@ def server_smoke_check(model_dir: Path, log: Path) -> dict:
 
     from openai import OpenAI
 
-    port = free_port()
-    command = [sys.executable, "-m", "mmllm", "serve", "--model", str(model_dir), "--port", str(port)]
-    command += ["--model-name", SERVED_NAME, "--device", "cpu"]
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        _wait_for_health(process, port, log)
+    with served(model_dir, log, SERVED_NAME) as base_url:
+        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0)
         ask = [{"role": "user", "content": "Describe a large red circle at the top left."}]
         chat = client.chat.completions.create(model=SERVED_NAME, messages=ask, temperature=0, max_tokens=24)
         image = client.images.generate(model=SERVED_NAME, prompt="Draw a small blue star at the center.")
-        png = base64.b64decode(image.data[0].b64_json)
-        if png[:4] != b"\x89PNG":
-            raise DemoCheckFailed("the server's image is not a PNG")
         models = [m.id for m in client.models.list().data]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    png = base64.b64decode(image.data[0].b64_json)
+    if png[:4] != b"\x89PNG":
+        raise DemoCheckFailed("the server's image is not a PNG")
     return {
         "checked": ["chat completion", "image generation", "model list"],
         "chat": chat.choices[0].message.content,
         "image_bytes": len(png),
         "models": models,
     }
-
-
-def _wait_for_health(process: subprocess.Popen, port: int, log: Path) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + SERVER_STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DemoCheckFailed(f"`mmllm serve` exited with {process.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):  # the port is not open yet
-            time.sleep(0.2)
-    raise DemoCheckFailed(f"`mmllm serve` did not answer /health in {SERVER_STARTUP_SECONDS} s; see {log}")
 
 
 def _train_modality_tokenizers(root: Path, scale: DemoScale, seed: int):

@@ -11,33 +11,23 @@ from __future__ import annotations
 
 import platform
 import statistics
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mmllm.data.toyworld import caption_corpus
 from mmllm.errors import MMLLMError
-from mmllm.training.launch import free_port
+from mmllm.serving.process import served
 
 SERVED_NAME = "bench"
-STARTUP_SECONDS = 120  # importing torch and FastAPI and loading the model, on a busy machine
 
 
 def bench_serve(model_dir: Path, requests: int, tokens: int, repeats: int, log: Path) -> dict:
     from openai import OpenAI
 
-    port = free_port()
-    command = [sys.executable, "-m", "mmllm", "serve", "--model", str(model_dir), "--port", str(port)]
-    command += ["--model-name", SERVED_NAME, "--device", "cpu", "--max-batch", str(requests)]
-    with log.open("w") as sink:
-        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        _wait(server, port, log)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    flags = ("--max-batch", str(requests))
+    with served(model_dir, log, SERVED_NAME, *flags) as base_url:
+        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
         prompts = [f"Describe {caption}." for caption in caption_corpus(requests, seed=2)]
 
         def ask(prompt: str) -> str:
@@ -68,9 +58,6 @@ def bench_serve(model_dir: Path, requests: int, tokens: int, repeats: int, log: 
                 seconds[name].append(time.perf_counter() - began)
                 if replies != reference:
                     raise MMLLMError(f"{name} replies differ from the first sequential pass; batching changed outputs")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     rates = {name: requests / statistics.median(times) for name, times in seconds.items()}
     return {
         "benchmark": "serve",
@@ -83,19 +70,6 @@ def bench_serve(model_dir: Path, requests: int, tokens: int, repeats: int, log: 
         "seconds": seconds,
         "ratio": rates["concurrent"] / rates["sequential"],
     }
-
-
-def _wait(server: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise MMLLMError(f"`mmllm serve` exited with {server.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    raise MMLLMError(f"`mmllm serve` did not answer /health in {STARTUP_SECONDS} s; see {log}")
 
 
 def format_serve_bench(result: dict) -> str:

@@ -32,7 +32,6 @@ frozen 4-bit NF4 (bitsandbytes, CUDA only; ZeRO-0/1/2).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -49,7 +48,7 @@ from mmllm.model.adapters import ADAPTER_CONFIG
 from mmllm.model.mmllm import CONFIG_FILE, LAYOUT_FILE, MMLLM
 from mmllm.training.config import PretrainConfig
 from mmllm.training.deepspeed_config import load_deepspeed_config, zero_stage
-from mmllm.training.loop import ModelHooks, TrainResult, shutdown_distributed, train
+from mmllm.training.loop import ModelHooks, TrainResult, train
 from mmllm.vocab import VocabLayout
 
 if TYPE_CHECKING:
@@ -327,17 +326,3 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) 
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out)
     return Path(out)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def run_finetune(args: argparse.Namespace) -> None:
-    from mmllm.training.launch import end_rank
-
-    config = load_finetune_config(args.config, args.overrides)
-    result = finetune(config, deepspeed_config=args.deepspeed, resume=args.resume)
-    shutdown_distributed()
-    if result.rank == 0:
-        print(f"finetuned {result.steps} steps, final loss {result.final_loss:.4f} -> {result.model_dir}")
-    end_rank()
