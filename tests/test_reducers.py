@@ -125,22 +125,11 @@ def eager_fastv_keep(model, prompt: list[int], layer: int, ratio: float, visual_
 def test_fastv_keeps_the_tokens_a_naive_eager_reference_keeps(toy_model):
     (prompt,) = image_prompts(toy_model, 1, images_per_prompt=(2,))
     reducer = attach_reducer(toy_model, "fastv:layer=1,ratio=0.75")
-    kept = {}
-
-    def record(state):
-        kept["index"] = set(state.source_index[0].tolist())
-
-    original = reducer.reduce
-
-    def spy(state, cache, score):
-        out = original(state, cache, score)
-        record(out)
-        return out
-
-    reducer.reduce = spy
     with torch.no_grad():
         toy_model(torch.tensor([prompt]))
-    visual_kept = {i for i in kept["index"] if reducer.visual_id(prompt[i])}
+    (stage,) = reducer.stages
+    assert stage.layer == 1
+    visual_kept = {i for i in stage.keep[0].nonzero()[:, 0].tolist() if reducer.visual_id(prompt[i])}
     assert visual_kept == eager_fastv_keep(toy_model, prompt, 1, 0.75, reducer.visual_id)
     assert len(visual_kept) == 2 * IMAGE_TOKENS - math.floor(2 * IMAGE_TOKENS * 0.75)
 
@@ -211,7 +200,7 @@ def test_pyramid_drop_shrinks_the_cache_stage_by_stage(text_tokenizer):
     model = MMLLM.from_config(config, toy_vocab_layout(text_tokenizer), text_tokenizer, random_toy_tokenizers()).eval()
     prompts = image_prompts(model, 3, images_per_prompt=(2, 1, 2))
     reducer = attach_reducer(model, "pdrop:layers=1/3,ratio=0.5")
-    assert reducer.stages == [1, 3]
+    assert reducer.boundaries == [1, 3]
     generator = Generator(model)
     config = GenerationConfig(max_new_tokens=5, stop_ids=())
     batched = [o.ids for o in generator.generate(prompts, config)]
@@ -235,3 +224,20 @@ def test_pyramid_drop_shrinks_the_cache_stage_by_stage(text_tokenizer):
         attach_reducer(model, "pdrop:layers=3/1")
     with pytest.raises(ConfigError, match="stage boundaries are layers >= 1"):
         attach_reducer(model, "pdrop:layers=0/2")
+
+
+@pytest.mark.parametrize("spec", ["fastv:layer=1,ratio=0.75", "pdrop:layers=1,ratio=0.5", "dart:layer=0,ratio=0.5"])
+def test_ideal_slice_replays_the_cut_exactly(toy_model, spec):
+    prompts = image_prompts(toy_model, 3, images_per_prompt=(1, 2, 1))
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    reducer = attach_reducer(toy_model, spec)
+    with torch.no_grad():
+        reduced = toy_model(ids, attention_mask=mask).logits[:, -1]
+    assert reducer.stages and all(stage.keep.shape == (3, width) or stage.layer > 0 for stage in reducer.stages)
+    toy_model.detach_hook(reducer)
+    toy_model.attach_hook(reducer.ideal_slice())
+    with torch.no_grad():
+        replayed = toy_model(ids, attention_mask=mask).logits[:, -1]
+    assert torch.equal(replayed, reduced)

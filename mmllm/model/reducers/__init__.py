@@ -1,6 +1,14 @@
 """Visual-token reducers at the backbone's hook points (see base.py); `--reducer NAME[:key=val,...]`."""
 
-from mmllm.model.reducers.base import REDUCERS, TokenReducer, build_reducer, keep_tokens, parse_spec
+from mmllm.model.reducers.base import (
+    REDUCERS,
+    IdealSlice,
+    Stage,
+    TokenReducer,
+    build_reducer,
+    keep_tokens,
+    parse_spec,
+)
 
 
 def attach_reducer(model, spec: str) -> TokenReducer:
@@ -11,4 +19,4 @@ def attach_reducer(model, spec: str) -> TokenReducer:
     return model.attach_hook(reducer)
 
 
-__all__ = ["REDUCERS", "TokenReducer", "attach_reducer", "build_reducer", "keep_tokens", "parse_spec"]
+__all__ = ["REDUCERS", "IdealSlice", "Stage", "TokenReducer", "attach_reducer", "build_reducer", "keep_tokens", "parse_spec"]

@@ -11,6 +11,10 @@ Reduction happens in the forward that holds the visual tokens (the prefill); dec
 whose one new token is never visual, pass through. A prompt without visual tokens is left as
 it is, with one log line.
 
+Every reduction is recorded as a `Stage` (where it acted, and which slots it kept), so the
+benchmark can replay exactly the same cut with zero scoring cost (`IdealSlice`): the honest
+lower bound on what the method's wall-clock could be.
+
 One spec string selects a method everywhere: `NAME[:key=val,...]`, e.g. `fastv:layer=2,ratio=0.5`
 (`parse_spec`, `build_reducer`).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -34,8 +39,18 @@ Scorer = Callable[[TokenState, Tensor], Tensor]  # (state, visual mask) -> (B, T
 VISUAL_MODALITIES = ("image", "video")  # the modalities whose code tokens reducers remove
 
 
+@dataclass
+class Stage:
+    """One reduction of a forward: before decoder layer `layer` (0: on the embeddings), the
+    state's slots `keep` (B, T) survived; a merged token survives in its representative's slot."""
+
+    layer: int
+    keep: Tensor
+
+
 class TokenReducer(BackboneHook):
-    """Base class: subclasses set `name` and implement `keep(state)` (and choose the hook point)."""
+    """Base class: subclasses set `name`, implement `keep_count` and call `reduce` from their
+    hook point (`before_llm` for the embeddings, `on_layer_end` for a layer)."""
 
     name: ClassVar[str] = ""
 
@@ -47,6 +62,23 @@ class TokenReducer(BackboneHook):
             raise ConfigError(f"reducer {self.name}: the layout has no image or video range to reduce")
         self.ranges = [(m.start, m.end) for m in ranges]
         self.kept_counts: list[int] | None = None  # visual tokens each row kept, after the last reduction
+        self.stages: list[Stage] = []  # the reductions of the last prefill, in order
+
+    def on_embed(self, state: TokenState, cache: KVCache | None) -> TokenState:
+        if state.hidden.shape[1] > 1:  # a prefill: a new prompt, a new record
+            self.stages = []
+        return self.before_llm(state, cache)
+
+    def before_llm(self, state: TokenState, cache: KVCache | None) -> TokenState:
+        """The embeddings hook point of a reducer (`on_embed` keeps the stage record)."""
+        return state
+
+    def record(self, layer: int, keep: Tensor) -> None:
+        self.stages.append(Stage(layer, keep.detach().clone()))
+
+    def ideal_slice(self) -> IdealSlice:
+        """A hook that cuts exactly what the last prefill cut, where it cut it, computing nothing."""
+        return IdealSlice(self.stages)
 
     def visual_id(self, token: int) -> bool:
         """Whether one id is a visual code token."""
@@ -61,9 +93,10 @@ class TokenReducer(BackboneHook):
         return mask if state.valid is None else mask & state.valid
 
     def reduce(
-        self, state: TokenState, cache: KVCache | None, score: Callable[[TokenState, Tensor], Tensor]
+        self, state: TokenState, cache: KVCache | None, score: Callable[[TokenState, Tensor], Tensor], layer: int
     ) -> TokenState:
-        """Keep, per row, the visual tokens with the highest `score` (a `keep_count` of them) and every other token."""
+        """Before decoder layer `layer`, keep per row the visual tokens with the highest `score`
+        (a `keep_count` of them) and every other token."""
         visual = self.visual(state)
         if state.hidden.shape[1] == 1 or not bool(visual.any()):
             if state.hidden.shape[1] > 1:
@@ -79,6 +112,7 @@ class TokenReducer(BackboneHook):
         if state.valid is not None:
             keep &= state.valid
         self.kept_counts = keep_counts.tolist()
+        self.record(layer, keep)
         return keep_tokens(state, keep)
 
     def keep_count(self, counts: Tensor) -> Tensor:
@@ -102,6 +136,29 @@ def keep_tokens(state: TokenState, keep: Tensor) -> TokenState:
     valid = ~padded if reduced.valid is None else reduced.valid & ~padded
     reduced.valid = None if bool(valid.all()) else valid
     return reduced
+
+
+class IdealSlice(BackboneHook):
+    """Replays recorded stages on the same prompts: the same slots go, at the same layers, with
+    no scoring, similarity or merging computed (the benchmark's honesty row)."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        super().__init__()
+        self.cuts = {stage.layer: stage.keep for stage in stages}
+
+    def on_embed(self, state: TokenState, cache: KVCache | None) -> TokenState:
+        return self._cut(0, state)
+
+    def on_layer_end(self, layer_idx: int, state: TokenState, cache: KVCache | None) -> TokenState:
+        return self._cut(layer_idx + 1, state)
+
+    def _cut(self, layer: int, state: TokenState) -> TokenState:
+        keep = self.cuts.get(layer)
+        if keep is None or state.hidden.shape[1] == 1:
+            return state
+        if keep.shape != state.hidden.shape[:2]:
+            raise ValueError(f"ideal slice: recorded keep {tuple(keep.shape)} does not fit this prompt's state")
+        return keep_tokens(state, keep)
 
 
 # ---------------------------------------------------------------- registry and spec strings

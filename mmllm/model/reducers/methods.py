@@ -36,7 +36,7 @@ class _LayerReducer(TokenReducer):
     def keep_count(self, counts: Tensor) -> Tensor:
         return counts - torch.floor(counts.float() * self.ratio).long()
 
-    def on_embed(self, state: TokenState, cache: KVCache | None) -> TokenState:
+    def before_llm(self, state: TokenState, cache: KVCache | None) -> TokenState:
         return self._act(state, cache) if self.layer == 0 else state
 
     def on_layer_end(self, layer_idx: int, state: TokenState, cache: KVCache | None) -> TokenState:
@@ -45,7 +45,7 @@ class _LayerReducer(TokenReducer):
     def _act(self, state: TokenState, cache: KVCache | None) -> TokenState:
         if self.ratio == 0.0:
             return state
-        return self.reduce(state, cache, self.score)
+        return self.reduce(state, cache, self.score, self.layer)
 
     def score(self, state: TokenState, visual: Tensor) -> Tensor:
         raise NotImplementedError
@@ -141,19 +141,20 @@ class PyramidDrop(FastV):
         if not stages or stages != sorted(set(stages)):
             raise ConfigError(f"reducer pdrop: layers must be increasing, e.g. layers=2/4/6, got {layers!r}")
         super().__init__(layout, num_layers, stages[0], ratio, queries)
-        self.stages = [check_layer(self.name, layer, num_layers) for layer in stages]
-        if self.stages[0] == 0:
+        self.boundaries = [check_layer(self.name, layer, num_layers) for layer in stages]
+        if self.boundaries[0] == 0:
             raise ConfigError(
                 "reducer pdrop: stage boundaries are layers >= 1 (a stage before the first layer is prellm's)"
             )
 
-    def on_embed(self, state: TokenState, cache: KVCache | None) -> TokenState:
+    def before_llm(self, state: TokenState, cache: KVCache | None) -> TokenState:
         return state
 
     def on_layer_end(self, layer_idx: int, state: TokenState, cache: KVCache | None) -> TokenState:
-        if layer_idx + 1 not in self.stages or self.ratio == 0.0:
+        layer = layer_idx + 1
+        if layer not in self.boundaries or self.ratio == 0.0:
             return state
-        return self.reduce(state, cache, lambda s, v: self.attention_received(s, v, layer_idx + 1))
+        return self.reduce(state, cache, lambda s, v: self.attention_received(s, v, layer), layer)
 
 
 def _quarters(num_layers: int) -> list[int]:
