@@ -17,6 +17,7 @@
     mmllm bench generate     decode tokens/s against transformers' generate; batched vs sequential CFG
     mmllm bench learnability toy-task scores against minutes of CPU pretraining
     mmllm bench serve        requests/s of `mmllm serve`, concurrent vs one at a time
+    mmllm bench reducers     visual-token reducers: prefill time, FLOPs, KV memory, accuracy vs none
     mmllm generate           a reply (text and media files) to one prompt
     mmllm chat               a multi-turn chat in the terminal, media in and out
     mmllm serve              an OpenAI-compatible HTTP API (chat, completions, images, speech, transcription)
@@ -241,6 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--out", help="also write the result as JSON")
     bench_serve.set_defaults(handler=cmd_bench_serve)
 
+    bench_red = bench_commands.add_parser(
+        "reducers", help="visual-token reducers vs the unreduced model: wall-clock, ideal slice, accuracy"
+    )
+    bench_red.add_argument("--model", required=True, help="checkpoint dir (the README names the one trained for it)")
+    bench_red.add_argument("--task", default="toy-vqa-multi", help="an eval task with image input")
+    bench_red.add_argument("--methods", default="fastv,sparsevlm,pdrop,dart,tome,prellm", help="comma-separated")
+    bench_red.add_argument("--ratios", default="0.5,0.75,0.89", help="fractions of image tokens removed")
+    bench_red.add_argument("--layer", type=int, default=2, help="the layer a layer-wise method acts before")
+    bench_red.add_argument("--items", type=int, default=500, help="held-out items scored for accuracy")
+    bench_red.add_argument("--batch-size", type=int, default=8)
+    bench_red.add_argument("--timing-batches", type=int, default=8, help="batches whose prefill is timed")
+    bench_red.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats per batch")
+    bench_red.add_argument("--decode-steps", type=int, default=32, help="greedy decode steps timed per batch")
+    bench_red.add_argument("--seed", type=int, default=0)
+    bench_red.add_argument("--out", help="write reducers.json, reducers.md and reducers.png to this dir")
+    bench_red.set_defaults(handler=cmd_bench_reducers)
+
     generate = commands.add_parser("generate", help="reply to one prompt; writes text and media files")
     add_model_arguments(generate)
     generate.add_argument("--prompt", required=True, help="the user's text")
@@ -448,6 +466,33 @@ def cmd_bench_learnability(args: argparse.Namespace) -> None:
 
     result = bench_learnability(Path(args.out), args.steps, args.save_every, args.eval_items, args.seed, args.fast)
     print(format_learnability(result))
+
+
+def cmd_bench_reducers(args: argparse.Namespace) -> None:
+    from mmllm.bench.reducers import bench_reducers, format_reducer_bench
+    from mmllm.plots import plot_reducers
+
+    result = bench_reducers(
+        Path(args.model),
+        args.task,
+        [m.strip() for m in args.methods.split(",") if m.strip()],
+        [float(r) for r in args.ratios.split(",") if r.strip()],
+        layer=args.layer,
+        items=args.items,
+        batch_size=args.batch_size,
+        timing_batches=args.timing_batches,
+        repeats=args.repeats,
+        decode_steps=args.decode_steps,
+        seed=args.seed,
+    )
+    table = format_reducer_bench(result)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "reducers.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (out / "reducers.md").write_text(table + "\n", encoding="utf-8")
+        plot_reducers(result["rows"], out / "reducers.png", f"{result['task']}, {result['layers']}-layer model")
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:

@@ -4,7 +4,8 @@ Toy world -> a SentencePiece text tokenizer and the four modality tokenizers -> 
 layout -> pretokenized Arrow shards -> a 2-rank DeepSpeed (ZeRO-2) pretraining run -> a 2-rank
 LoRA SFT on the toy world's chat tasks, merged into OUT/model -> checks that the checkpoint, its
 Hugging Face export, the re-import and KV-cached decoding give the same logits -> `mmllm eval`
-on every toy task, with the chance and untrained rows -> a scripted chat that captions an image,
+on every toy task, with the chance and untrained rows -> one visual-token reducer's speed and
+accuracy against the unreduced model (`mmllm bench reducers`) -> a scripted chat that captions an image,
 draws one, transcribes and speaks toy speech, and acts on an instruction. It leaves OUT/model/
 (a self-contained checkpoint), OUT/eval/results.json with the generated media, OUT/chat/ with
 the chat's transcript and media, and OUT/report.md with the metrics table, an image grid, links
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mmllm.config import load_config
+from mmllm.bench.reducers import bench_reducers, format_reducer_bench
 from mmllm.data.interleaved import read_jsonl, record_texts
 from mmllm.data.media import write_media
 from mmllm.data.pretokenize import TokenizerBundle, load_shards, pretokenize
@@ -132,6 +134,10 @@ SHOWN_WAVS = 4  # generated speech files linked from the report
 SFT_TASKS = tuple(task for task in EVAL_TASKS if task not in ("toy-interleaved", "toy-text-ppl"))
 SHOWN_TASK = "toy-caption"  # the report shows this task's first document as the exported tokenizer names it
 SERVED_NAME = "demo"  # the model id the demo's server answers to
+# The reducer row: FastV dropping half the image tokens, on the single-image VQA task the model
+# was trained on, before layer 2 (FastV's default) or the last layer of a shallower model.
+DEMO_REDUCER, DEMO_REDUCER_RATIO, DEMO_REDUCER_TASK = "fastv", 0.5, "toy-vqa"
+REDUCER_TIMING_BATCHES = 4  # batches of 8 whose prefill is timed: 32 prompts, a few seconds
 RANKS = 2  # the pretraining stage is a real multi-rank DeepSpeed run, even on a laptop
 
 
@@ -267,6 +273,26 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
     stages.done("eval", t, f"{len(EVAL_TASKS)} tasks x {scale.eval_items} items -> {out / 'eval' / 'results.json'}")
 
     t = time.perf_counter()
+    reduction = bench_reducers(
+        out / "model",
+        DEMO_REDUCER_TASK,
+        [DEMO_REDUCER],
+        [DEMO_REDUCER_RATIO],
+        layer=min(2, model.config.num_hidden_layers - 1),
+        items=scale.eval_items,
+        timing_batches=REDUCER_TIMING_BATCHES,
+        seed=seed,
+        progress=lambda line: None,
+    )
+    (out / "reducers.json").write_text(json.dumps(reduction, indent=2) + "\n", encoding="utf-8")
+    row = reduction["rows"][1]
+    stages.done(
+        "reducer",
+        t,
+        f"{row['label']}: prefill {row['prefill_ratio']:.2f}x, accuracy {row['accuracy_delta_points']:+.1f} points",
+    )
+
+    t = time.perf_counter()
     chat = scripted_chat(model, out / "chat", seed)
     stages.done("scripted chat", t, f"{len(chat) // 2} turns -> {out / 'chat' / 'transcript.json'}")
 
@@ -284,7 +310,7 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> Path:
             data.tokenizer_rows,
             curves,
             checks,
-            evaluation,
+            [*evaluation, *_reducer_section(reduction)],
             [*_chat_section(chat, out), *_server_section(smoke)],
             time.perf_counter() - start,
         ),
@@ -484,6 +510,18 @@ def _eval_section(results: dict, out: Path) -> list[str]:
             wav, wer = sample["media"][0], sample["scores"].get("wer", 1.0)
             lines.append(f"| {sample['prompt']} | [{Path(wav).name}](eval/{wav}) | {wer:.2f} |")
     return [*lines, ""]
+
+
+def _reducer_section(result: dict) -> list[str]:
+    return [
+        "## Visual-token reduction (`mmllm bench reducers`)",
+        "",
+        format_reducer_bench(result),
+        "",
+        "Ideal slice: the same tokens cut at the same layer with no scoring computed. Details: "
+        "[reducers.json](reducers.json).",
+        "",
+    ]
 
 
 def _chat_section(transcript: list[dict], out: Path) -> list[str]:

@@ -58,3 +58,33 @@ def plot_learnability(rows: list[dict], metrics: dict[str, str], path: Path) -> 
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_reducers(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Accuracy against prefill wall-clock (a ratio to the unreduced model), one colour per method,
+    its ideal slices as hollow markers at the same accuracy. `rows` are `bench reducers` rows."""
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    measured = [r for r in rows if "skipped" not in r]
+    colours = {}
+    for row in measured:
+        if row["spec"] is None:
+            axes.scatter([1.0], [100 * row["accuracy"]], marker="*", s=160, color="black", label="no reducer")
+            continue
+        method = row["method"]
+        colour = colours.setdefault(method, f"C{len(colours) % 10}")
+        axes.scatter(
+            [row["prefill_ratio"]], [100 * row["accuracy"]], color=colour, label=method if method else None
+        )
+        axes.scatter([row["ideal_ratio"]], [100 * row["accuracy"]], facecolors="none", edgecolors=colour)
+        axes.plot([row["ideal_ratio"], row["prefill_ratio"]], [100 * row["accuracy"]] * 2, color=colour, lw=0.8)
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axes.legend(unique.values(), unique.keys(), fontsize=8)
+    axes.set_xlabel("prefill wall-clock / unreduced (hollow: ideal slice)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -166,6 +166,59 @@ def toy_vqa(rng: random.Random, media: MediaSink) -> Record:
     }
 
 
+MULTI_IMAGES = 4  # images per multi-image prompt: 4 x 64 = 256 image tokens, a workload worth pruning
+DRILL_QUESTIONS = 6  # questions per training conversation: six answers of supervision per prefill
+
+
+def _distinct_scenes(rng: random.Random, images: int) -> list[tuple[Shape, ...]]:
+    """`images` two-shape scenes in which no (shape, colour) pair repeats, so "the red circle"
+    names one shape of the whole set."""
+    scenes: list[tuple[Shape, ...]] = []
+    used: set[tuple[str, str]] = set()
+    while len(scenes) < images:
+        scene = sample_scene(rng, 2)
+        pairs = {(s.shape, s.color) for s in scene}
+        if not pairs & used:
+            scenes.append(scene)
+            used |= pairs
+    return scenes
+
+
+def _multi_image_question(rng: random.Random, scenes: list[tuple[Shape, ...]]) -> tuple[str, str, str]:
+    """(question type, question, answer) about a set of images: an attribute of a shape named
+    uniquely across the set, a relation inside the image holding both shapes, or a count over all."""
+    kind = rng.choice(tuple(VQA_TYPES))
+    every = tuple(s for scene in scenes for s in scene)
+    if kind == "attribute":
+        return (kind, *_attribute_question(rng, every))
+    if kind == "relation":
+        return (kind, *_relation_question(rng, rng.choice(scenes)))
+    return (kind, *_counting_question(rng, every))
+
+
+def _multi_image_vqa(rng: random.Random, media: MediaSink, questions: int) -> Record:
+    scenes = _distinct_scenes(rng, MULTI_IMAGES)
+    asked = [_multi_image_question(rng, scenes) for _ in range(questions)]
+    images = [media.part("image", render_image(scene)) for scene in scenes]
+    messages = []
+    for i, (_, question, answer) in enumerate(asked):
+        messages += chat([*(images if i == 0 else []), text(question)], [text(answer)])
+    kind, question, answer = asked[0]
+    meta = {"question_type": kind, "question": question, "answer": answer, "scenes": [scene_facts(s) for s in scenes]}
+    return {"messages": messages, "meta": meta}
+
+
+def toy_vqa_multi(rng: random.Random, media: MediaSink) -> Record:
+    """Four two-shape images and one question about them: the visual-token reducers' workload."""
+    return _multi_image_vqa(rng, media, 1)
+
+
+def toy_vqa_multi_drill(rng: random.Random, media: MediaSink) -> Record:
+    """Training conversations for toy-vqa-multi: four images, then DRILL_QUESTIONS questions
+    answered turn by turn (meta describes the first)."""
+    return _multi_image_vqa(rng, media, DRILL_QUESTIONS)
+
+
 def toy_draw(rng: random.Random, media: MediaSink) -> Record:
     """Text to image. A one-shape caption fixes every attribute; a two-shape caption fixes both
     shapes' shape and colour and their relation, not their sizes or cells (meta "determined")."""
@@ -453,7 +506,13 @@ TASKS: dict[str, Callable[[random.Random, MediaSink], Record]] = {
     "toy-prosqa": toy_prosqa,
     "toy-arith": toy_arith,
     "toy-visual-count": toy_visual_count,
+    "toy-vqa-multi": toy_vqa_multi,
+    "toy-vqa-multi-drill": toy_vqa_multi_drill,
 }
+# Written unless asked for: the reducer benchmark's workload and its training drill are only
+# wanted by the model trained for that benchmark (README, "Visual-token reducers").
+WORKLOAD_TASKS = ("toy-vqa-multi", "toy-vqa-multi-drill")
+WORLD_TASKS = tuple(task for task in TASKS if task not in WORKLOAD_TASKS)
 
 
 # ---------------------------------------------------------------- writer
@@ -477,7 +536,7 @@ def generate(task: str, index: int, seed: int, split: str = "train") -> ToyExamp
 
 
 def write_toyworld(out: Path, n: int, seed: int, tasks: Sequence[str] | None = None, split: str = "train") -> dict:
-    """Write `n` items of each task to `out/<split>.jsonl`, media under `out/media/<split>/`.
+    """Write `n` items of each task (default: `WORLD_TASKS`) to `out/<split>.jsonl`, media under `out/media/<split>/`.
 
     Video is saved as lossless .npy with a .gif preview beside it. Returns the counts:
     {"path", "split", "records", "tasks": {task: n}, "media": {modality: files}}.
@@ -486,7 +545,7 @@ def write_toyworld(out: Path, n: int, seed: int, tasks: Sequence[str] | None = N
         raise InputError(f"toyworld: n must be >= 0, got {n}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
         raise InputError(f"toyworld: split {split!r} must be letters, digits, '_' or '-' (it names files)")
-    chosen = list(TASKS) if tasks is None else list(tasks)
+    chosen = list(WORLD_TASKS) if tasks is None else list(tasks)
     unknown = [t for t in chosen if t not in TASKS]
     if unknown:
         raise InputError(f"toyworld: unknown tasks {', '.join(unknown)} (tasks: {', '.join(TASKS)})")

@@ -367,6 +367,11 @@ class VQATask(ToyTask):
         return self._majority(item, item.meta["question_type"])
 
 
+class MultiImageVQATask(VQATask):
+    name = "toy-vqa-multi"
+    description = "four two-shape images + a question about them -> one word; the reducer benchmark's workload"
+
+
 class DrawTask(ToyTask):
     name = "toy-draw"
     description = "caption -> image; oracle accuracy: every attribute the caption determines is read back"
@@ -595,6 +600,7 @@ class TextPerplexityTask(Task):
 for _task in (
     CaptionTask(),
     VQATask(),
+    MultiImageVQATask(),
     DrawTask(),
     TranscribeTask(),
     SpeakTask(),

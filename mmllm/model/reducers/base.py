@@ -76,9 +76,10 @@ class TokenReducer(BackboneHook):
     def record(self, layer: int, keep: Tensor) -> None:
         self.stages.append(Stage(layer, keep.detach().clone()))
 
-    def ideal_slice(self) -> IdealSlice:
-        """A hook that cuts exactly what the last prefill cut, where it cut it, computing nothing."""
-        return IdealSlice(self.stages)
+    def ideal_slice(self, stages: list[Stage] | None = None) -> BackboneHook:
+        """A hook that cuts exactly what `stages` (default: the last prefill's) cut, where they
+        cut it, computing nothing."""
+        return IdealSlice(self.stages if stages is None else stages)
 
     def visual_id(self, token: int) -> bool:
         """Whether one id is a visual code token."""
@@ -186,12 +187,17 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def registry() -> dict[str, type[TokenReducer]]:
+    """Every registered reducer, the built-in ones included."""
+    from mmllm.model.reducers import learned, merging, methods  # noqa: F401  (register the built-in methods)
+
+    return REDUCERS
+
+
 def build_reducer(spec: str, model) -> TokenReducer:
     """The reducer a spec names, configured for `model` (its layout and depth); not attached."""
-    from mmllm.model.reducers import methods  # noqa: F401  (registers the built-in methods)
-
     name, options = parse_spec(spec)
-    if name not in REDUCERS:
+    if name not in registry():
         raise ConfigError(f"unknown reducer {name!r} (reducers: {', '.join(sorted(REDUCERS))})")
     if model.layout is None:
         raise ConfigError("reducers need a model with a vocab layout")
