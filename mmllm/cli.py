@@ -256,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_red.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats per batch")
     bench_red.add_argument("--decode-steps", type=int, default=32, help="greedy decode steps timed per batch")
     bench_red.add_argument("--seed", type=int, default=0)
+    bench_red.add_argument(
+        "--method-model",
+        action="append",
+        default=[],
+        metavar="METHOD=DIR",
+        help="run a learned method on the checkpoint trained for it (e.g. registers=runs/reducers/registers/model)",
+    )
     bench_red.add_argument("--out", help="write reducers.json, reducers.md and reducers.png to this dir")
     bench_red.set_defaults(handler=cmd_bench_reducers)
 
@@ -484,6 +491,7 @@ def cmd_bench_reducers(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         decode_steps=args.decode_steps,
         seed=args.seed,
+        method_models=dict(_key_value(item, "--method-model") for item in args.method_model),
     )
     table = format_reducer_bench(result)
     print(table)
@@ -493,6 +501,13 @@ def cmd_bench_reducers(args: argparse.Namespace) -> None:
         (out / "reducers.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         (out / "reducers.md").write_text(table + "\n", encoding="utf-8")
         plot_reducers(result["rows"], out / "reducers.png", f"{result['task']}, {result['layers']}-layer model")
+
+
+def _key_value(item: str, flag: str) -> tuple[str, Path]:
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+        raise MMLLMError(f"{flag} takes METHOD=DIR, got {item!r}")
+    return name, Path(value)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mmllm.config import load_config
 from mmllm.bench.reducers import bench_reducers, format_reducer_bench
+from mmllm.config import load_config
 from mmllm.data.interleaved import read_jsonl, record_texts
 from mmllm.data.media import write_media
 from mmllm.data.pretokenize import TokenizerBundle, load_shards, pretokenize

@@ -72,9 +72,7 @@ def plot_reducers(rows: list[dict], path: Path, title: str = "") -> Path:
             continue
         method = row["method"]
         colour = colours.setdefault(method, f"C{len(colours) % 10}")
-        axes.scatter(
-            [row["prefill_ratio"]], [100 * row["accuracy"]], color=colour, label=method if method else None
-        )
+        axes.scatter([row["prefill_ratio"]], [100 * row["accuracy"]], color=colour, label=method if method else None)
         axes.scatter([row["ideal_ratio"]], [100 * row["accuracy"]], facecolors="none", edgecolors=colour)
         axes.plot([row["ideal_ratio"], row["prefill_ratio"]], [100 * row["accuracy"]] * 2, color=colour, lw=0.8)
     handles, labels = axes.get_legend_handles_labels()

@@ -17,12 +17,15 @@ four two-shape images, 256 image tokens, and an attribute, relation or counting 
 
 Spec per row: a method with a `ratio` knob runs at each `--ratios` value, and one with a `layer`
 knob acts before `--layer`; a method without them (registers, matryoshka) runs once with its
-own configuration. A method the model cannot run (e.g. registers it was not trained with) is
-reported as skipped, with the reason.
+own configuration. A learned method runs on the checkpoint trained for it (`method_models`,
+e.g. registers on the model finetuned with them; it must have the same architecture), measured
+against the same unreduced model. A method a model cannot run (e.g. registers it was not trained
+with) is reported as skipped, with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import platform
@@ -61,28 +64,34 @@ class Contender:
     method: str = ""
     ratio: float | None = None
     layer: int | None = None
+    model: MMLLM | None = None  # the checkpoint it runs on
     skipped: str = ""  # why the model cannot run it
     stages: list = field(default_factory=list)  # per timing batch: the reducer's recorded cuts
     census: list[list[int]] = field(default_factory=list)  # per item: valid tokens entering each layer
 
 
-def contenders_for(model: MMLLM, methods: list[str], ratios: list[float], layer: int) -> list[Contender]:
+def contenders_for(
+    model: MMLLM, methods: list[str], ratios: list[float], layer: int, method_models: dict[str, MMLLM]
+) -> list[Contender]:
     """The baseline and one row per (method, ratio); a one-line error for an unknown method or bad ratio."""
     reducers = registry()
-    rows = [Contender("none", None)]
+    rows = [Contender("none", None, model=model)]
     for name in methods:
         if name not in reducers:
             raise ConfigError(f"unknown reducer {name!r} (reducers: {', '.join(sorted(reducers))})")
         knobs = inspect.signature(reducers[name].__init__).parameters
         at = layer if "layer" in knobs else (0 if name in ("prellm", "matryoshka") else None)
+        runs_on = method_models.get(name, model)
+        if runs_on.config != model.config:
+            raise ConfigError(f"the model given for {name} has another architecture than the benchmarked model")
         if "ratio" not in knobs:
-            rows.append(Contender(name, name, name, None, at))
+            rows.append(Contender(name, name, name, None, at, model=runs_on))
             continue
         for ratio in ratios:
             options = [f"ratio={ratio}"] + ([f"layer={layer}"] if "layer" in knobs else [])
             spec = f"{name}:{','.join(options)}"
             build_reducer(spec, model)  # bad ratios and layers fail here, before any timing
-            rows.append(Contender(f"{name} {ratio:g}", spec, name, ratio, at))
+            rows.append(Contender(f"{name} {ratio:g}", spec, name, ratio, at, model=runs_on))
     return rows
 
 
@@ -203,15 +212,17 @@ def bench_reducers(
     repeats: int = 3,
     decode_steps: int = 32,
     seed: int = 0,
+    method_models: dict[str, Path] | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     model = MMLLM.from_pretrained(model_dir).eval()
+    others = {name: MMLLM.from_pretrained(path).eval() for name, path in (method_models or {}).items()}
     evaluation = get_task(task)
     if "image" not in evaluation.input_modalities and "video" not in evaluation.input_modalities:
         raise InputError(f"task {task} has no image or video input: there is nothing for a reducer to remove")
     if items < 1 or batch_size < 1 or timing_batches < 1 or repeats < 1:
         raise InputError("--items, --batch-size, --timing-batches and --repeats must be >= 1")
-    contenders = contenders_for(model, methods, ratios, layer)
+    contenders = contenders_for(model, methods, ratios, layer, others)
     held_out = evaluation.items(items, seed)
     batches = _Batches(model, held_out, batch_size)
     timed = range(min(timing_batches, len(batches)))
@@ -219,25 +230,26 @@ def bench_reducers(
     scores: dict[str, list[float]] = {}
     for contender in contenders:
         progress(f"[bench reducers] {contender.label}: accuracy on {items} items")
+        runs_on = contender.model
         try:
-            reducer = attach_reducer(model, contender.spec) if contender.spec else None
+            reducer = attach_reducer(runs_on, contender.spec) if contender.spec else None
         except ConfigError as err:
             contender.skipped = str(err)
             progress(f"[bench reducers] {contender.label}: skipped ({err})")
             continue
         try:
-            scores[contender.label] = _accuracy(model, evaluation, batches, seed)
-            census = _Census(model.config.num_hidden_layers)
-            model.attach_hook(census)
+            scores[contender.label] = _accuracy(runs_on, evaluation, batches, seed)
+            census = _Census(runs_on.config.num_hidden_layers)
+            runs_on.attach_hook(census)
             for index in range(len(batches)):
-                _prefill(model, *batches.padded(index))
+                _prefill(runs_on, *batches.padded(index))
                 contender.census += [list(row) for row in zip(*census.counts, strict=True)]
                 if index in timed and reducer is not None:
                     contender.stages.append(list(reducer.stages))
-            model.detach_hook(census)
+            runs_on.detach_hook(census)
         finally:
             if reducer is not None:
-                model.detach_hook(reducer)
+                runs_on.detach_hook(reducer)
 
     live = [c for c in contenders if not c.skipped]
     prefill = {c.label: 0.0 for c in live}
@@ -248,23 +260,24 @@ def bench_reducers(
         tokens, mask = batches.padded(index)
         runs: dict[str, Callable[[], Any]] = {}
         for c in live:
-            hooks = _hooks(model, c)
-            runs[c.label] = _runner(model, hooks, tokens, mask)
+            hooks = _hooks(c)
+            runs[c.label] = _runner(c.model, hooks, tokens, mask)
             if hooks:
-                runs[f"{c.label} ideal"] = _runner(model, [hooks[0].ideal_slice(c.stages[index])], tokens, mask)
+                runs[f"{c.label} ideal"] = _runner(c.model, [hooks[0].ideal_slice(c.stages[index])], tokens, mask)
         timings = interleaved(runs, repeats, warmup=1)
         for c in live:
             prefill[c.label] += timings[c.label].median
             if c.spec is not None:
                 ideal[c.label] += timings[f"{c.label} ideal"].median
-            kv[c.label].append(_kv_bytes(model, runs[c.label]()))
+            kv[c.label].append(_kv_bytes(c.model, runs[c.label]()))
 
     decode = {}
     for c in live:
-        hooks = _hooks(model, c)
+        hooks = _hooks(c)
         seconds = count = 0.0
         for index in timed:
-            s, n = _attached(model, hooks, lambda i=index: _decode_rate(model, *batches.padded(i), decode_steps))
+            decode_batch = functools.partial(_decode_rate, c.model, *batches.padded(index), decode_steps)
+            s, n = _attached(c.model, hooks, decode_batch)
             seconds, count = seconds + s, count + n
         decode[c.label] = count / seconds
 
@@ -273,6 +286,8 @@ def bench_reducers(
     rows = []
     for c in contenders:
         row: dict[str, Any] = {"label": c.label, "spec": c.spec, "method": c.method, "ratio": c.ratio, "layer": c.layer}
+        if c.model is not model:
+            row["model"] = c.model.name_or_path
         if c.skipped:
             rows.append({**row, "skipped": c.skipped})
             continue
@@ -321,12 +336,12 @@ def _runner(model: MMLLM, hooks: list[BackboneHook], tokens: torch.Tensor, mask:
     return lambda: _attached(model, hooks, lambda: _prefill(model, tokens, mask))
 
 
-def _hooks(model: MMLLM, contender: Contender) -> list[BackboneHook]:
-    """The contender's reducer, built and bound for `model` but not attached (none for the baseline)."""
+def _hooks(contender: Contender) -> list[BackboneHook]:
+    """The contender's reducer, built and bound for its model but not attached (none for the baseline)."""
     if contender.spec is None:
         return []
-    reducer = attach_reducer(model, contender.spec)
-    model.detach_hook(reducer)
+    reducer = attach_reducer(contender.model, contender.spec)
+    contender.model.detach_hook(reducer)
     return [reducer]
 
 

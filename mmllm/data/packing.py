@@ -23,6 +23,12 @@ probability `condition_dropout`, a document's conditioning text (marked at preto
 replaced by one `<|null|>` token, so the model also learns the unconditional distribution
 that guidance subtracts (LlamaGen, Emu3: 10%).
 
+Nested dropout (FlexTok; MQT's sampled budgets) trains one model for every token budget of a 1D
+prefix tokenizer such as image-titok: with `nested_dropout: {image: [4, 8, 16, 32]}`, each closed
+span of that modality keeps its first b tokens, b drawn from the list per span, and its end token
+follows at once (a ragged range allows any length). The end token of a shortened span is not a
+target, so generation still learns to close an item only after all of its tokens.
+
 Everything is deterministic given the seed, so a resumed run regenerates the same rows and
 skips the ones it already trained on (`PackedRows.rows(start=...)`).
 """
@@ -75,6 +81,8 @@ class PackingConfig:
     buffer_size: int = 256  # pending documents the best-fit search chooses from
     condition_dropout: float = 0.1  # CFG: probability of replacing a document's conditioning text
     modality_loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"image": 0.5}; others 1
+    # {modality: token budgets}: each span keeps a prefix of a budget drawn per span (nested dropout)
+    nested_dropout: dict[str, list[int]] = field(default_factory=dict)
     seed: int = 0
 
     def check(self) -> None:
@@ -86,6 +94,9 @@ class PackingConfig:
             raise ConfigError(f"packing.buffer_size must be at least 1, got {self.buffer_size}")
         if not 0.0 <= self.condition_dropout <= 1.0:
             raise ConfigError(f"packing.condition_dropout must be in [0, 1], got {self.condition_dropout}")
+        for name, budgets in self.nested_dropout.items():
+            if not isinstance(budgets, list) or not budgets or any(not isinstance(b, int) or b < 1 for b in budgets):
+                raise ConfigError(f"packing.nested_dropout.{name} must be a list of token budgets >= 1, got {budgets}")
 
 
 @dataclass
@@ -110,6 +121,7 @@ class PackingStats:
     truncated: int = 0  # documents cut short: a conversation to seq_len, or at a span longer than a row
     skipped: int = 0  # documents dropped: too long (overflow: skip), or no target left after truncation
     condition_dropped: int = 0
+    spans_shortened: int = 0  # modality spans cut to a nested-dropout budget
 
     def fill(self, seq_len: int) -> float:
         """Fraction of row tokens that are real (not padding)."""
@@ -180,7 +192,22 @@ class Packer:
             [config.modality_loss_weights.get("text", 1.0)] + [config.modality_loss_weights.get(n, 1.0) for n in names],
             dtype=np.float32,
         )
+        self.budgets = [self._budgets(layout, name, budgets) for name, budgets in config.nested_dropout.items()]
         self.stats = PackingStats()
+
+    @staticmethod
+    def _budgets(layout: VocabLayout, name: str, budgets: list[int]) -> tuple[int, int, int, np.ndarray]:
+        """(begin id, end id, ids per token, budgets) of a nested-dropout modality, which must be ragged."""
+        if name not in layout.modalities:
+            raise ConfigError(f"packing.nested_dropout: unknown modality {name!r} (known: {list(layout.modalities)})")
+        m = layout.modalities[name]
+        if m.grid is not None or m.row_end:
+            raise ConfigError(
+                f"packing.nested_dropout: {name} has a fixed grid; budgets need a 1D prefix tokenizer (image-titok)"
+            )
+        if max(budgets) > m.max_frames:
+            raise ConfigError(f"packing.nested_dropout: {name} budgets must be at most {m.max_frames}, got {budgets}")
+        return layout.begin_id(name), layout.end_id(name), m.stream_levels, np.array(budgets, dtype=np.int64)
 
     def rows(self, documents: Iterator[Document]) -> Iterator[PackedRow]:
         cfg = self.config
@@ -203,9 +230,12 @@ class Packer:
             yield self._fill_row(pending)
 
     def _prepare(self, document: Document, rng: np.random.Generator) -> Document | None:
-        """Condition dropout, then the overflow rule for a conversation longer than seq_len."""
+        """Nested dropout, condition dropout, then the overflow rule for a conversation longer than seq_len."""
         cfg = self.config
         self.stats.documents += 1
+        for begin, end, ids_per_token, budgets in self.budgets:
+            document, shortened = shorten_spans(document, begin, end, ids_per_token, budgets, rng)
+            self.stats.spans_shortened += shortened
         if cfg.condition_dropout and document.condition.any() and rng.random() < cfg.condition_dropout:
             document = drop_condition(document, self.null_id)
             self.stats.condition_dropped += 1
@@ -295,6 +325,38 @@ class Packer:
         self.stats.rows += 1
         self.stats.real_tokens += start
         return PackedRow(input_ids, labels, position_ids, document_ids, loss_weights, modality, start)
+
+
+def shorten_spans(
+    document: Document, begin_id: int, end_id: int, ids_per_token: int, budgets: np.ndarray, rng: np.random.Generator
+) -> tuple[Document, int]:
+    """Each span from `begin_id` to its `end_id` keeps its first b tokens (b drawn from `budgets` per
+    span); a shortened span's end token is no target. Returns the document and the spans shortened."""
+    ids = document.input_ids
+    begins, ends = np.flatnonzero(ids == begin_id), np.flatnonzero(ids == end_id)
+    keep = np.ones(len(ids), dtype=bool)
+    loss_mask = document.loss_mask.copy()
+    shortened = 0
+    for begin in begins:
+        end = int(ends[np.searchsorted(ends, begin)])  # pretokenized spans are always closed
+        stop = begin + 1 + int(rng.choice(budgets)) * ids_per_token
+        if stop < end:
+            keep[stop:end] = False
+            loss_mask[end] = False
+            shortened += 1
+    if not shortened:
+        return document, 0
+    return (
+        Document(
+            ids[keep],
+            loss_mask[keep],
+            document.modality[keep],
+            document.condition[keep],
+            document.splittable,
+            document.source,
+        ),
+        shortened,
+    )
 
 
 def drop_condition(document: Document, null_id: int) -> Document:

@@ -161,6 +161,10 @@ class TokenState:
     valid: Tensor | None  # False on padding; None when every token is real
     document_ids: Tensor | None  # packed-row document of each token; None for one per row
     source_index: Tensor  # index of each token in the forward's input; -1 for inserted ones
+    # fp32, added to the attention logit of every query that attends to the token, in this and
+    # later forwards (the KV cache keeps it): ToMe's proportional attention, log of a merged
+    # token's size. None: zero everywhere, and attention keeps its mask-free paths.
+    key_bias: Tensor | None = None
 
     def select(self, index: Tensor) -> TokenState:
         """Keep the tokens at `index` (B, T') of every row, in that order."""
@@ -176,11 +180,12 @@ class TokenState:
             valid=take(self.valid),
             document_ids=take(self.document_ids),
             source_index=take(self.source_index),
+            key_bias=take(self.key_bias),
         )
 
 
 class LayerKV:
-    """One layer's cached keys and values, with each slot's rotary position and validity.
+    """One layer's cached keys and values, with each slot's rotary position, validity and key bias.
 
     Slots are in time order, which is what causality is checked against. Without gradients
     the buffers are preallocated and written in place (grown by doubling); with gradients
@@ -195,47 +200,67 @@ class LayerKV:
         self.values: Tensor | None = None
         self.positions: Tensor | None = None
         self.valid: Tensor | None = None
+        self.key_bias: Tensor | None = None  # fp32 (B, capacity); None until a slot with a bias is cached
 
-    def append(self, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Add (B, H, T, D) keys/values (`valid` None: all real); return every cached key and value so far."""
+    def append(
+        self, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor | None, key_bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Add (B, H, T, D) keys/values (`valid` None: all real; `key_bias` None: zero); return every
+        cached key and value so far."""
         new_len = self.length + keys.shape[2]
         if valid is None:
             valid = torch.ones_like(positions, dtype=torch.bool)
         else:
             self.all_valid = self.all_valid and bool(valid.all())
+        biased = key_bias is not None or self.key_bias is not None
+        if biased:
+            key_bias = torch.zeros_like(positions, dtype=torch.float32) if key_bias is None else key_bias.float()
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
             n = self.length
             self.keys = keys if n == 0 else torch.cat((self.keys[:, :, :n], keys), dim=2)
             self.values = values if n == 0 else torch.cat((self.values[:, :, :n], values), dim=2)
             self.positions = positions if n == 0 else torch.cat((self.positions[:, :n], positions), dim=1)
             self.valid = valid if n == 0 else torch.cat((self.valid[:, :n], valid), dim=1)
+            if biased:
+                old_bias = self.key_bias[:, :n] if self.key_bias is not None else key_bias.new_zeros(keys.shape[0], n)
+                self.key_bias = torch.cat((old_bias, key_bias), dim=1)
             self.length = new_len
             return self.keys, self.values
         if self.keys is None or new_len > self.keys.shape[2] or self.keys.requires_grad:
             self._grow(keys, values, max(new_len, self.capacity, 2 * self.length))
+        if biased and self.key_bias is None:
+            self.key_bias = torch.zeros(self.positions.shape, dtype=torch.float32, device=keys.device)
         s = slice(self.length, new_len)
         self.keys[:, :, s] = keys
         self.values[:, :, s] = values
         self.positions[:, s] = positions
         self.valid[:, s] = valid
+        if biased:
+            self.key_bias[:, s] = key_bias
         self.length = new_len
         return self.keys[:, :, :new_len], self.values[:, :, :new_len]
 
     def _grow(self, keys: Tensor, values: Tensor, capacity: int) -> None:
         b, h, _, d = keys.shape
-        old = (self.keys, self.values, self.positions, self.valid)
+        old = (self.keys, self.values, self.positions, self.valid, self.key_bias)
         self.keys = keys.new_empty(b, h, capacity, d)
         self.values = values.new_empty(b, h, capacity, values.shape[-1])
         self.positions = torch.zeros(b, capacity, dtype=torch.long, device=keys.device)
         self.valid = torch.zeros(b, capacity, dtype=torch.bool, device=keys.device)
+        if old[4] is not None:
+            self.key_bias = torch.zeros(b, capacity, dtype=torch.float32, device=keys.device)
         if old[0] is not None:
             n = self.length
             self.keys[:, :, :n], self.values[:, :, :n] = old[0][:, :, :n].detach(), old[1][:, :, :n].detach()
             self.positions[:, :n], self.valid[:, :n] = old[2][:, :n], old[3][:, :n]
+            if old[4] is not None:
+                self.key_bias[:, :n] = old[4][:, :n]
 
-    def key_meta(self) -> tuple[Tensor, Tensor]:
-        """Positions and validity (B, length) of the cached slots."""
-        return self.positions[:, : self.length], self.valid[:, : self.length]
+    def key_meta(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Positions, validity and key bias (None: zero) (B, length) of the cached slots."""
+        n = self.length
+        key_bias = None if self.key_bias is None else self.key_bias[:, :n]
+        return self.positions[:, :n], self.valid[:, :n], key_bias
 
     def select_rows(self, rows: Tensor) -> None:
         """Keep only the batch rows `rows` (B',), e.g. when finished sequences leave a batch."""
@@ -243,6 +268,8 @@ class LayerKV:
             return
         self.keys, self.values = self.keys[rows], self.values[rows]
         self.positions, self.valid = self.positions[rows], self.valid[rows]
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias[rows]
         self.all_valid = self.all_valid or bool(self.valid[:, : self.length].all())
 
 
@@ -275,11 +302,13 @@ class KVCache:
 
 
 class AttentionMasks:
-    """Builds the boolean SDPA mask for each layer of one forward, or chooses a mask-free path.
+    """Builds the SDPA mask for each layer of one forward, or chooses a mask-free path.
 
     A query attends to a key when the key is an earlier-or-same slot, is valid (not padding),
     belongs to the same document, and lies within the layer's sliding window. Each query also
     attends to itself, so padding queries never see an all-masked row (which makes SDPA NaN).
+    The mask is boolean, unless some key carries a bias (`TokenState.key_bias`): then it is
+    additive, the key's bias where allowed and -inf elsewhere.
     """
 
     def __init__(self, state: TokenState, same_keys_per_layer: bool = False) -> None:
@@ -300,14 +329,14 @@ class AttentionMasks:
         s = self.state
         t = s.hidden.shape[1]
         if cache is not None:
-            key_pos, key_valid = cache.key_meta()
+            key_pos, key_valid, key_bias = cache.key_meta()
             all_valid = cache.all_valid
         else:
-            key_pos, key_valid = s.position_ids, s.valid
+            key_pos, key_valid, key_bias = s.position_ids, s.valid, s.key_bias
             all_valid = key_valid is None or bool(key_valid.all())
         span = int(s.position_ids.max() - key_pos.min()) if window is not None else 0
         within_window = window is None or span < window
-        if all_valid and within_window and s.document_ids is None:
+        if all_valid and within_window and s.document_ids is None and key_bias is None:
             if past == 0:
                 return None, True  # plain causal: SDPA's flash/efficient kernels apply
             if t == 1:
@@ -322,8 +351,11 @@ class AttentionMasks:
             allowed = allowed & (s.document_ids[:, :, None] == s.document_ids[:, None, :])
         if window is not None:
             allowed = allowed & ((s.position_ids[:, :, None] - key_pos[:, None, :]) < window)
-        allowed = allowed | (k_slot[None, :] == q_slot[:, None])[None]
-        return allowed[:, None], False  # (B, 1, T, K): broadcast over heads
+        allowed = (allowed | (k_slot[None, :] == q_slot[:, None])[None])[:, None]  # (B, 1, T, K): broadcast over heads
+        if key_bias is None:
+            return allowed, False
+        bias = key_bias[:, None, None, :].to(s.hidden.dtype)
+        return torch.where(allowed, bias, float("-inf")), False
 
 
 # --------------------------------------------------------------------------------------
@@ -372,7 +404,7 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             state = masks.state
-            k, v = cache.append(k, v, state.position_ids, state.valid)
+            k, v = cache.append(k, v, state.position_ids, state.valid, state.key_bias)
         mask, causal = masks.get(past, self.window, cache)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
@@ -454,7 +486,10 @@ class Backbone(nn.Module):
         if kv_cache is not None:
             kv_cache.next_position = _next_positions(state, kv_cache.next_position)
         rope = self.rotary_emb(state.position_ids, state.hidden.dtype)
-        same_keys = not self.hooks and (kv_cache is None or len({c.length for c in kv_cache.layers}) == 1)
+        same_keys = not self.hooks and (
+            kv_cache is None
+            or (len({c.length for c in kv_cache.layers}) == 1 and all(c.key_bias is None for c in kv_cache.layers))
+        )
         masks = AttentionMasks(state, same_keys_per_layer=same_keys)
         for i, layer in enumerate(self.layers):
             cache = kv_cache.layers[i] if kv_cache is not None else None

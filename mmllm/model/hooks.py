@@ -116,12 +116,15 @@ class InsertTokens(BackboneHook):
         old_valid = state.valid if state.valid is not None else torch.ones_like(hits)
         old_docs = state.document_ids if state.document_ids is not None else torch.zeros_like(state.position_ids)
 
+        key_bias = None if state.key_bias is None else state.key_bias.new_zeros(b, new_t)  # inserted: no bias
         hidden[rows, dest] = state.hidden
         positions[rows, dest] = state.position_ids + shift
         token_ids[rows, dest] = state.token_ids
         source[rows, dest] = state.source_index
         valid[rows, dest] = old_valid
         documents[rows, dest] = old_docs
+        if key_bias is not None:
+            key_bias[rows, dest] = state.key_bias
         hit_rows, hit_cols = hits.nonzero(as_tuple=True)
         for j in range(k):
             slot = dest[hit_rows, hit_cols] + 1 + j
@@ -136,4 +139,5 @@ class InsertTokens(BackboneHook):
             valid=None if bool(valid.all()) else valid,
             document_ids=documents if state.document_ids is not None else None,
             source_index=source,
+            key_bias=key_bias,
         )

@@ -66,6 +66,7 @@ class MMLLM(CausalLM):
                 f"the embedding has {config.vocab_size} rows but the vocab layout has {layout.padded_size}"
             )
         self.layout = layout
+        self.name_or_path = ""  # the checkpoint dir it was loaded from, as on HF models ("" when built)
         self.text_tokenizer = text_tokenizer
         self.modality_tokenizers: dict[str, ModalityTokenizer] = {}
         for name, tokenizer in (modality_tokenizers or {}).items():
@@ -138,6 +139,7 @@ class MMLLM(CausalLM):
             model = _dispatched(cls, path, config, layout, text_tokenizer, dtype, *placement)
             for name, tokenizer_dir in sorted(_modality_tokenizer_dirs(path).items()):
                 model.set_modality_tokenizer(name, load_tokenizer(tokenizer_dir))
+            model.name_or_path = str(path)
             return model
         state = load_weights(path)
         embed = state.get("model.embed_tokens.weight")
@@ -154,6 +156,7 @@ class MMLLM(CausalLM):
         model._load_state(state, str(path))
         for name, tokenizer_dir in sorted(_modality_tokenizer_dirs(path).items()):
             model.set_modality_tokenizer(name, load_tokenizer(tokenizer_dir))
+        model.name_or_path = str(path)
         return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
     def _load_state(self, state: dict[str, torch.Tensor], where: str) -> None:

@@ -28,6 +28,16 @@ A tied embedding is found through `get_input_embeddings` and `_tied_weights_keys
 `method: full` trains every weight (and may use freeze `stages`) and saves the self-contained
 model dir, as pretraining does. `method: qlora` is LoRA on a base whose decoder Linear layers are
 frozen 4-bit NF4 (bitsandbytes, CUDA only; ZeRO-0/1/2).
+
+`finetune.reducer` trains a learned visual-token reducer with the model, e.g.
+`"registers:tokens=8,layer=2"` (Victor's registers, `mmllm.model.reducers.learned`): it is attached
+after the method's wrapping, so its parameters train under every method (LoRA freezes only what
+exists when it wraps), and each checkpoint saves them beside the model dir or the adapter
+(`registers.safetensors`; `merge-lora` carries them over), where `--reducer registers` finds them.
+The drop removes image code tokens from the sequence after the register layer, so their loss goes
+with them: train registers on data whose images are inputs (captioning, VQA), not targets. It runs
+with ZeRO-0/1/2 (the backbone reads the registers at a hook point, outside any forward of theirs,
+where ZeRO-3 cannot gather them for the backward).
 """
 
 from __future__ import annotations
@@ -35,6 +45,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -46,6 +59,9 @@ from mmllm.config import load_config
 from mmllm.errors import CheckpointError, ConfigError
 from mmllm.model.adapters import ADAPTER_CONFIG
 from mmllm.model.mmllm import CONFIG_FILE, LAYOUT_FILE, MMLLM
+from mmllm.model.reducers import attach_reducer, parse_spec
+from mmllm.model.reducers.base import registry
+from mmllm.model.reducers.learned import REGISTERS_FILE, LearnedReducer
 from mmllm.training.config import PretrainConfig
 from mmllm.training.deepspeed_config import load_deepspeed_config, zero_stage
 from mmllm.training.loop import ModelHooks, TrainResult, train
@@ -79,6 +95,7 @@ class FinetuneConfig:
     base_model: str = ""  # a native checkpoint dir (config.json, vocab_layout.json, tokenizers)
     method: Literal["lora", "full", "qlora"] = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    reducer: str = ""  # a learned reducer trained with the model, e.g. "registers:tokens=8,layer=2"
 
 
 @dataclass
@@ -111,6 +128,8 @@ class FinetuneRunConfig(PretrainConfig):
             _check_lora_settings(settings.lora)
         if settings.method == "qlora":
             _check_qlora_available()
+        if settings.reducer:
+            _check_trainable_reducer(settings.reducer)
         super().check()
 
 
@@ -123,6 +142,15 @@ def _check_lora_settings(lora: LoraSettings) -> None:
         raise ConfigError(f"finetune config: lora.dropout must be in [0, 1), got {lora.dropout}")
     if not lora.target_modules:
         raise ConfigError("finetune config: lora.target_modules is empty; name the Linear layers to adapt")
+
+
+def _check_trainable_reducer(spec: str) -> None:
+    name = parse_spec(spec)[0]
+    trainable = sorted(n for n, cls in registry().items() if issubclass(cls, LearnedReducer) and cls.trainable)
+    if name not in trainable:
+        raise ConfigError(
+            f"finetune config: reducer {name!r} has nothing to train (trainable reducers: {', '.join(trainable)})"
+        )
 
 
 def _check_qlora_available() -> None:
@@ -266,10 +294,61 @@ class QLoraHooks(LoraHooks):
         return super().prepare(quantize_4bit(model), config)
 
 
+class ReducerHooks(ModelHooks):
+    """The method's hooks plus a learned reducer: attached after the method prepared the model, and
+    saved beside what the method saves."""
+
+    def __init__(self, method: ModelHooks, spec: str) -> None:
+        self.method = method
+        self.spec = spec
+        self.output = method.output
+        self.reducer = None
+
+    def prepare(self, model: MMLLM, config: PretrainConfig) -> MMLLM:
+        model = self.method.prepare(model, config)
+        self.reducer = attach_reducer(model, self.spec, train=True)
+        return model
+
+    def saved(self, model: MMLLM) -> ReducerCheckpoint:
+        return ReducerCheckpoint(self.method.saved(model), model, self.reducer, self.output)
+
+
+class ReducerCheckpoint:
+    """What the method saves, without the reducer's parameters among the model's weights, and the
+    reducer's own file in the same dir (CHECKPOINT/model, or CHECKPOINT/adapter)."""
+
+    def __init__(self, saved, model: MMLLM, reducer, output: str) -> None:
+        self.saved = saved
+        self.model = model
+        self.reducer = reducer
+        self.output = output
+
+    def parameters(self):
+        return self.saved.parameters()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        with _detached(self.model, self.reducer):
+            self.saved.save_pretrained(path)
+        self.reducer.save(Path(path).with_name(self.output))
+
+
+@contextmanager
+def _detached(model: MMLLM, hook) -> Iterator[None]:
+    """`hook` out of the model's hook list for a while (the list itself is put back as it was)."""
+    hooks = model.model.hooks
+    model.detach_hook(hook)
+    try:
+        yield
+    finally:
+        model.model.hooks = hooks
+
+
 def finetune_hooks(settings: FinetuneConfig) -> ModelHooks:
     if settings.method == "full":
-        return ModelHooks()  # pretraining's: every weight trains, the model dir is saved
-    return (QLoraHooks if settings.method == "qlora" else LoraHooks)(settings)
+        hooks = ModelHooks()  # pretraining's: every weight trains, the model dir is saved
+    else:
+        hooks = (QLoraHooks if settings.method == "qlora" else LoraHooks)(settings)
+    return ReducerHooks(hooks, settings.reducer) if settings.reducer else hooks
 
 
 def finetune(
@@ -279,8 +358,15 @@ def finetune(
     progress: bool = True,
 ) -> TrainResult:
     """Run the pretraining loop on the base model with the method's hooks."""
-    if config.finetune.method == "qlora" and zero_stage(load_deepspeed_config(deepspeed_config)) == 3:
+    zero3 = zero_stage(load_deepspeed_config(deepspeed_config)) == 3
+    if config.finetune.method == "qlora" and zero3:
         raise ConfigError("finetune config: method qlora runs with ZeRO-0/1/2; ZeRO-3 cannot partition 4-bit weights")
+    if config.finetune.reducer and zero3:
+        # ZeRO-3 gathers a partitioned parameter again for the backward only through the forward of
+        # a module that returned a tensor made from it; hook points are not such forwards.
+        raise ConfigError(
+            "finetune config: finetune.reducer runs with ZeRO-0/1/2; ZeRO-3 would partition its parameters"
+        )
     return train(config, deepspeed_config, resume, progress, hooks=finetune_hooks(config.finetune))
 
 
@@ -321,8 +407,11 @@ def _first_line(err: Exception) -> str:
 
 def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
     """Merge the adapter into the base and save a self-contained checkpoint (weights, layout, text
-    tokenizer, modality tokenizers) at `out`."""
+    tokenizer, modality tokenizers, and the registers trained with the adapter) at `out`."""
     model = MMLLM.from_pretrained(model_dir)
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out)
+    registers = Path(adapter_dir) / REGISTERS_FILE  # trained with the adapter (finetune.reducer)
+    if registers.is_file():
+        shutil.copyfile(registers, Path(out) / REGISTERS_FILE)
     return Path(out)

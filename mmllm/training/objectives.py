@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmllm.errors import ConfigError
+from mmllm.model.backbone import TokenState
 from mmllm.model.loss import IGNORE_INDEX, weighted_cross_entropy
 
 
@@ -56,12 +57,13 @@ def next_token(model, batch: dict[str, Tensor], modality_names: tuple[str, ...])
         position_ids=batch["position_ids"],
         document_ids=batch["document_ids"],
     )
+    labels, loss_weights, modalities, documents = _through_hooks(batch, out.state)
     # Predict token t+1 from position t, never across a document boundary.
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-    crosses = F.pad(batch["document_ids"][:, 1:] != batch["document_ids"][:, :-1], (0, 1), value=True)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    crosses = F.pad(documents[:, 1:] != documents[:, :-1], (0, 1), value=True)
     targets = targets.masked_fill(crosses, IGNORE_INDEX)
-    weights = F.pad(batch["loss_weights"][:, 1:], (0, 1))
-    target_modality = F.pad(batch["modality"][:, 1:], (0, 1))
+    weights = F.pad(loss_weights[:, 1:], (0, 1))
+    target_modality = F.pad(modalities[:, 1:], (0, 1))
     logits = out.logits
     z_loss = getattr(getattr(model, "config", None), "z_loss", 0.0)
     loss_sum_mean, nll = weighted_cross_entropy(
@@ -77,3 +79,15 @@ def next_token(model, batch: dict[str, Tensor], modality_names: tuple[str, ...])
         sums[f"loss/{name}_tokens"] = here.sum().to(nll.dtype)
     # weighted_cross_entropy returns the mean over scored tokens; the loop wants the sum.
     return ObjectiveOutput(loss_sum_mean * tokens.clamp(min=1), tokens.to(torch.float32), sums)
+
+
+def _through_hooks(batch: dict[str, Tensor], state: TokenState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Labels, loss weights, modalities and documents of the tokens the model's hooks left (a hook
+    may insert tokens, which have no label, or drop some), in the order the logits come."""
+    columns = (batch["labels"], batch["loss_weights"], batch["modality"], batch["document_ids"])
+    source = state.source_index
+    if source.shape == columns[0].shape and bool((source == torch.arange(source.shape[1], device=source.device)).all()):
+        return columns
+    inserted = source < 0
+    labels, weights, modality = (column.gather(1, source.clamp(min=0)) for column in columns[:3])
+    return labels.masked_fill(inserted, IGNORE_INDEX), weights.masked_fill(inserted, 0.0), modality, state.document_ids
