@@ -98,7 +98,7 @@ def contenders_for(
 class _Census(BackboneHook):
     """Counts the real tokens entering each layer of a prefill (attached after the reducer)."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.counts: list[list[int]] = []  # per layer: per row
 
@@ -237,17 +237,14 @@ def bench_reducers(
             contender.skipped = str(err)
             progress(f"[bench reducers] {contender.label}: skipped ({err})")
             continue
+        census = runs_on.attach_hook(_Census())
         try:
-            scores[contender.label] = _accuracy(runs_on, evaluation, batches, seed)
-            census = _Census(runs_on.config.num_hidden_layers)
-            runs_on.attach_hook(census)
-            for index in range(len(batches)):
-                _prefill(runs_on, *batches.padded(index))
-                contender.census += [list(row) for row in zip(*census.counts, strict=True)]
-                if index in timed and reducer is not None:
-                    contender.stages.append(list(reducer.stages))
-            runs_on.detach_hook(census)
+            scores[contender.label] = _accuracy(runs_on, evaluation, batches, seed, census, contender.census)
+            for index in timed if reducer is not None else ():
+                _prefill(runs_on, *batches.padded(index))  # the cut of exactly the batch the timing runs
+                contender.stages.append(list(reducer.stages))
         finally:
+            runs_on.detach_hook(census)
             if reducer is not None:
                 runs_on.detach_hook(reducer)
 
@@ -345,8 +342,11 @@ def _hooks(contender: Contender) -> list[BackboneHook]:
     return [reducer]
 
 
-def _accuracy(model: MMLLM, evaluation, batches: _Batches, seed: int) -> list[float]:
-    """Per item, the task's own 0/1 score of the greedy reply."""
+def _accuracy(
+    model: MMLLM, evaluation, batches: _Batches, seed: int, census: _Census, counts: list[list[int]]
+) -> list[float]:
+    """Per item, the task's own 0/1 score of the greedy reply; the prefill's tokens per layer of
+    each item are appended to `counts`."""
     generator = Generator(model)
     outcomes = []
     for index in range(len(batches)):
@@ -356,6 +356,7 @@ def _accuracy(model: MMLLM, evaluation, batches: _Batches, seed: int) -> list[fl
             max_new_tokens=max(batches.items[i].max_new_tokens for i in rows), stop_after_span=True, seed=seed
         )
         outputs = generator.generate([p.ids for p in prompts], config)
+        counts += [list(row) for row in zip(*census.counts, strict=True)]
         replies = decode_replies(model, [p.reply(o.ids) for p, o in zip(prompts, outputs, strict=True)])
         for i, reply in zip(rows, replies, strict=True):
             outcomes.append(float(evaluation.score(batches.items[i], reply)[evaluation.metric]))

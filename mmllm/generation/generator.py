@@ -12,6 +12,11 @@ replies costs what its live rows cost.
 
 Classifier-free guidance gives each row an unconditional twin (see guidance.py), batched into
 the same forward by default. Streaming is a callback called with (row, id) for every new id.
+
+`forced` ids are fed after a row's prompt one forward at a time, before its reply is sampled: the
+steps of a latent span (`mmllm.model.latent.latent_generate`), whose slots each need the forward
+before them. A row whose forced ids run out samples while others still feed theirs; forced ids are
+not part of the reply and do not count towards `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -104,18 +109,25 @@ class Generator:
         config: GenerationConfig | None = None,
         unconditional: Sequence[Sequence[int]] | None = None,
         on_token: TokenCallback | None = None,
+        forced: Sequence[Sequence[int]] | None = None,
     ) -> list[GenerationOutput]:
         """Continue each prompt; `unconditional` holds the guidance twins' prompts (needed when
-        `config.guidance` is active; see `guidance.unconditional_prompt`)."""
+        `config.guidance` is active; see `guidance.unconditional_prompt`); `forced` the ids each row
+        feeds before its reply (see the module docstring)."""
+        from mmllm.model.latent.base import check_latent_prompts  # lazy: the latent package imports this module
+
         config = config or GenerationConfig()
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise InputError("every prompt needs at least one id (start with <|bos|>)")
+        if forced is not None and len(forced) != len(prompts):
+            raise InputError(f"forced ids: {len(forced)} rows for {len(prompts)} prompts")
+        check_latent_prompts(self.model, prompts, forced or ())
         guided = config.guidance.active
         if guided and (unconditional is None or len(unconditional) != len(prompts)):
             raise ConfigError("guidance needs one unconditional prompt per prompt")
-        run = _Run(self, config, prompts, unconditional if guided else None, on_token)
+        run = _Run(self, config, prompts, unconditional if guided else None, on_token, forced)
         self.stats = run.stats
         return run.decode()
 
@@ -123,7 +135,9 @@ class Generator:
 class _Run:
     """The state of one `generate` call."""
 
-    def __init__(self, generator: Generator, config: GenerationConfig, prompts, unconditional, on_token) -> None:
+    def __init__(
+        self, generator: Generator, config: GenerationConfig, prompts, unconditional, on_token, forced
+    ) -> None:
         self.model = generator.model
         self.layout = generator.layout
         self.config = config
@@ -149,9 +163,12 @@ class _Run:
         self.reasons = ["length"] * self.batch
         self.seen = self._seen(prompts) if self.sampler.any_penalty else None
         self.stats = GenerationStats()
-        capacity = max(self.prompt_lengths) + config.max_new_tokens
+        self.forced = [list(f) for f in forced] if forced else [[] for _ in prompts]  # per live row, still to feed
+        self.forced_now: list[bool] = [False] * self.batch  # the rows fed a forced id this step
+        self.forced_steps = max(len(f) for f in self.forced)
+        capacity = max(self.prompt_lengths) + self.forced_steps + config.max_new_tokens
         if self.guided:
-            capacity = max(capacity, max(len(p) for p in unconditional) + config.max_new_tokens)
+            capacity = max(capacity, max(len(p) for p in unconditional) + self.forced_steps + config.max_new_tokens)
         if self.sequential:
             self.caches = [self.model.new_kv_cache(capacity), self.model.new_kv_cache(capacity)]
             self.prefill_inputs = [list(prompts), list(unconditional)]
@@ -181,10 +198,10 @@ class _Run:
         logits = self._forward([ids for ids, _ in padded], [mask for _, mask in padded])
         self.stats.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        for step in range(self.config.max_new_tokens):
+        for _ in range(self.forced_steps + self.config.max_new_tokens):
             tokens = self._next_tokens(logits)
             finished = self._record(tokens)
-            if step == self.config.max_new_tokens - 1 or all(finished):
+            if all(finished):  # every row stops by max_new_tokens at the latest
                 break
             if any(finished):
                 keep = torch.tensor([not done for done in finished], device=self.device)
@@ -207,6 +224,11 @@ class _Run:
             cond = guide(cond, logits[live:], self.scale[modality], guided_rows)
         cond = cond.masked_fill(~self.states.masks(), float("-inf"))
         tokens = self.sampler.sample(cond, self.states.modality, self.seen)
+        self.forced_now = [bool(queue) for queue in self.forced]
+        if any(self.forced_now):
+            ids = [queue.pop(0) if queue else 0 for queue in self.forced]
+            due = torch.tensor(self.forced_now, device=self.device)
+            tokens = torch.where(due, torch.tensor(ids, device=self.device), tokens)
         if self.seen is not None:
             self.seen[torch.arange(live, device=self.device), tokens] = True
         return tokens
@@ -219,6 +241,9 @@ class _Run:
         finished = stopped | closed if self.config.stop_after_span else stopped
         token_list, stop_list, done_list = torch.stack([tokens, stopped.long(), finished.long()]).tolist()
         for i, (row, token) in enumerate(zip(self.rows_list, token_list, strict=True)):
+            if self.forced_now[i]:  # fed, not generated: no reply id, no stop
+                done_list[i] = 0
+                continue
             if stop_list[i]:
                 self.reasons[row] = "stop"
                 continue
@@ -230,6 +255,8 @@ class _Run:
                 self.reasons[row] = "span"
             elif self.config.stop_strings and self._hits_stop_string(row):
                 self.reasons[row] = "stop"
+                done_list[i] = 1
+            elif len(self.outputs[row]) == self.config.max_new_tokens:  # reason stays "length"
                 done_list[i] = 1
         return [bool(d) for d in done_list]
 
@@ -250,7 +277,9 @@ class _Run:
                 cache.select_rows(index)
         else:
             self.caches[0].select_rows(torch.cat([index, index + live]) if self.guided else index)
-        self.rows_list = [self.rows_list[i] for i in index.tolist()]
+        kept = index.tolist()
+        self.rows_list = [self.rows_list[i] for i in kept]
+        self.forced = [self.forced[i] for i in kept]
         self.states.select(index)
         if self.seen is not None:
             self.seen = self.seen[index]

@@ -53,10 +53,14 @@ class FeedbackLatent(BackboneHook):
     carrying everything before (as the generator and the latent trainer do).
     """
 
-    def __init__(self, latent_id: int, hidden_size: int, projection: bool = False) -> None:
+    def __init__(self, latent_id: int, hidden_size: int, projection: bool | nn.Module = False) -> None:
+        """`projection`: False feeds the state as it is, True through a fresh Linear, a module through it."""
         super().__init__()
         self.latent_id = latent_id
-        self.projection = nn.Linear(hidden_size, hidden_size) if projection else None
+        if isinstance(projection, nn.Module):
+            self.projection = projection
+        else:
+            self.projection = nn.Linear(hidden_size, hidden_size) if projection else None
         self.last_hidden: Tensor | None = None
 
     def on_embed(self, state: TokenState, cache: KVCache | None) -> TokenState:

@@ -1,0 +1,39 @@
+"""Latent-reasoning heads at the backbone's hook points: continuous thought (Coconut), its curriculum,
+the baselines' data formats, and batched KV-cached latent decoding. See base.py for the contract."""
+
+from mmllm.model.latent.base import (
+    HEADS,
+    LATENT_HEAD_FILE,
+    LatentHead,
+    attach_latent_head,
+    build_head,
+    find_latent_head,
+    latent_forward,
+    load_latent_head,
+    read_latent_head,
+)
+from mmllm.model.latent.coconut import CoconutHead
+from mmllm.model.latent.curriculum import CoconutCurriculum, LatentHeadHooks
+from mmllm.model.latent.formats import PuzzleFormat, encode_puzzle, prompt_suffix, write_puzzle_shards
+from mmllm.model.latent.generate import LatentOutput, latent_generate
+
+__all__ = [
+    "HEADS",
+    "LATENT_HEAD_FILE",
+    "CoconutCurriculum",
+    "CoconutHead",
+    "LatentHead",
+    "LatentHeadHooks",
+    "LatentOutput",
+    "PuzzleFormat",
+    "attach_latent_head",
+    "build_head",
+    "encode_puzzle",
+    "find_latent_head",
+    "latent_forward",
+    "latent_generate",
+    "load_latent_head",
+    "prompt_suffix",
+    "read_latent_head",
+    "write_puzzle_shards",
+]

@@ -1,0 +1,139 @@
+"""One puzzle record, four ways to answer it: the baselines and the latent heads train on the same items.
+
+A reasoning record of the toy world (`toy-prosqa`, `toy-arith`, `toy-visual-count`) keeps its
+question (the user turn, images included), its chain-of-thought steps and its answer apart in
+`meta` (Coconut's layout). The assistant turn is rebuilt per format:
+
+    no-cot    "answer: X"                                      (Deng et al.'s no-CoT baseline)
+    cot       step 1 \\n ... step n \\n "answer: X"              (plain chain of thought)
+    pause     <|pause_0|> <|pause_1|> ... x `pause`, "answer: X"  (Goyal et al. 2024, pause tokens)
+    coconut   <|bolt|> <|latent|> x m <|eolt|> steps k+1.. n, "answer: X"  (stage k of the curriculum)
+
+The loss falls on the text and the `<|end_of_turn|>` only: pause tokens, latent spans and their
+delimiters are inputs, which inference feeds too (`prompt_suffix`; `latent_generate` for the span).
+Pause fillers cycle through the layout's distinct pause tokens rather than repeating one, since a
+single shared thinking-token embedding trains worse ("Rethinking Thinking Tokens", 2025).
+
+The chat template encodes text with special-token parsing off, so these turns are built as ids
+here (`encode_puzzle`) and written as pretokenized shards (`write_puzzle_shards`) that the
+finetuning loop reads like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from mmllm.chat_template import SPECIAL, EncodedConversation, encode_conversation, encode_text
+from mmllm.data.toy_tasks import Puzzle
+from mmllm.errors import ConfigError, InputError
+from mmllm.model.latent.curriculum import CoconutCurriculum
+from mmllm.vocab import END_OF_TURN, LATENT_TOKEN, VocabLayout
+
+Kind = Literal["no-cot", "cot", "pause", "coconut"]
+KINDS = ("no-cot", "cot", "pause", "coconut")
+
+
+@dataclass(frozen=True)
+class PuzzleFormat:
+    kind: Kind = "cot"
+    stage: int = 0  # coconut: the curriculum stage (its first steps become latent thoughts)
+    pause: int = 0  # pause: filler tokens before the answer
+    curriculum: CoconutCurriculum = field(default_factory=CoconutCurriculum)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"puzzle format {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.pause < 0 or self.stage < 0:
+            raise ConfigError(f"puzzle format {self.kind}: pause and stage must be >= 0")
+
+
+def reply_ids(meta: dict[str, Any], fmt: PuzzleFormat, layout: VocabLayout, text_tokenizer) -> tuple[list[int], int]:
+    """The assistant turn's ids, `<|end_of_turn|>` included, and how many leading ids are inputs only."""
+    steps, answer = list(meta["steps"]), str(meta["answer"])
+    fed: list[int] = []
+    if fmt.kind in ("no-cot", "pause"):
+        steps = []
+    if fmt.kind == "pause":
+        fed = pause_ids(layout, fmt.pause)
+    elif fmt.kind == "coconut":
+        skipped, thoughts = fmt.curriculum.split(fmt.stage, len(steps))
+        steps = steps[skipped:]
+        fed = [layout.begin_id("latent"), *[layout.token_id(LATENT_TOKEN)] * thoughts, layout.end_id("latent")]
+    text = encode_text(Puzzle("", steps, answer, {}).solution, text_tokenizer)
+    return [*fed, *text, layout.token_id(END_OF_TURN)], len(fed)
+
+
+def pause_ids(layout: VocabLayout, count: int) -> list[int]:
+    """`count` pause fillers, cycling through the layout's pause tokens."""
+    pauses = sorted((i for name, i in layout.special_tokens.items() if name.startswith("<|pause_")))
+    if count and not pauses:
+        raise ConfigError("the vocab layout has no pause tokens (build it with pause > 0)")
+    return [pauses[i % len(pauses)] for i in range(count)]
+
+
+def prompt_suffix(fmt: PuzzleFormat, layout: VocabLayout) -> list[int]:
+    """Ids to append to a generation prompt (after `<|assistant|>`) in this format: the pause
+    fillers; a latent span is not a suffix but `latent_generate`'s forced steps."""
+    return pause_ids(layout, fmt.pause) if fmt.kind == "pause" else []
+
+
+def encode_puzzle(
+    record: dict[str, Any], fmt: PuzzleFormat, layout: VocabLayout, text_tokenizer
+) -> EncodedConversation:
+    """The record's question turns (media parts carrying codes) and its assistant turn in `fmt`."""
+    meta = record.get("meta") or {}
+    if "steps" not in meta or "answer" not in meta:
+        raise InputError(f"record {record.get('id', '?')}: not a reasoning puzzle (its meta has no steps and answer)")
+    question = [m for m in record["messages"] if m["role"] != "assistant"]
+    encoded = encode_conversation(question, layout, text_tokenizer, add_generation_prompt=True)
+    ids, fed = reply_ids(meta, fmt, layout, text_tokenizer)
+    encoded.append(ids[:fed], False, SPECIAL, "assistant")
+    encoded.append(ids[fed:-1], True, "text", "assistant")
+    encoded.append(ids[-1:], True, SPECIAL, "assistant")
+    return encoded
+
+
+def write_puzzle_shards(
+    records: Iterable[dict[str, Any]], bundle_dir: str | Path, out: str | Path, fmt: PuzzleFormat, root=None
+) -> int:
+    """Pretokenized shards of `records` in `fmt` at `out` (what `mmllm pretokenize` writes, so
+    `data.sources` of a finetuning run reads them); `root` is the folder media paths are relative
+    to. Returns the number of rows written; a record that fails is a one-line error."""
+    from datasets import Dataset, disable_progress_bars
+
+    from mmllm.data.pretokenize import TokenizerBundle, _write_manifest, shard_features, tokenize_media
+    from mmllm.model.weights import atomic_directory
+
+    disable_progress_bars()
+    bundle = TokenizerBundle.load(bundle_dir)
+    records = list(records)
+    for record, error in zip(records, tokenize_media(records, Path(root) if root else None, bundle), strict=True):
+        if error is not None:
+            raise InputError(f"record {record.get('id', '?')}: {error}")
+    index_of = {name: i + 1 for i, name in enumerate(bundle.layout.modalities)}
+    rows = [_shard_row(r, encode_puzzle(r, fmt, bundle.layout, bundle.text_tokenizer), index_of) for r in records]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, bundle, bundle_dir)
+    columns = {name: [row[name] for row in rows] for name in shard_features()}
+    with atomic_directory(out / "part-00000-of-00001" / "chunk-000000") as tmp:
+        Dataset.from_dict(columns, features=shard_features()).save_to_disk(str(tmp / "data"))
+    return len(rows)
+
+
+def _shard_row(record: dict[str, Any], encoded: EncodedConversation, index_of: dict[str, int]) -> dict[str, Any]:
+    n = len(encoded.input_ids)
+    return {
+        "id": str(record.get("id", "")),
+        "task": str(record.get("task", "")),
+        "input_ids": np.asarray(encoded.input_ids, dtype=np.int32),
+        "loss_mask": np.asarray(encoded.loss_mask, dtype=bool),
+        "modality": np.array([index_of.get(part, 0) for part in encoded.parts], dtype=np.int8),
+        "condition": np.zeros(n, dtype=bool),  # reasoning answers are text: nothing for guidance to drop
+        "splittable": False,  # a conversation: never cut across packed rows
+    }
