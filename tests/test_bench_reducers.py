@@ -44,13 +44,23 @@ def test_bench_rows_measure_the_same_items(model_dir):
         timing_batches=1, repeats=1, decode_steps=2, progress=lambda line: None,
     )  # fmt: skip
     rows = {row["label"]: row for row in result["rows"]}
-    assert set(rows) == {"none", "fastv 0.5", "fastv 0.75", "dart 0.5", "dart 0.75", "prellm 0.5", "prellm 0.75"}
+    assert set(rows) == {
+        "none",
+        "no image tokens",
+        "fastv 0.5",
+        "fastv 0.75",
+        "dart 0.5",
+        "dart 0.75",
+        "prellm 0.5",
+        "prellm 0.75",
+    }
     assert result["image_tokens_per_item"] == 4 * 64  # four 8x8 images
     base = rows["none"]
     assert base["prefill_ratio"] == 1.0 and base["image_tokens_removed"] == 0.0
-    for label, row in rows.items():
+    assert rows["no image tokens"]["image_tokens_removed"] == pytest.approx(1.0)  # the model answers blind
+    for row in rows.values():
         assert row["decode_tokens_per_s"] > 0 and 0.0 <= row["p_value"] <= 1.0
-        if label == "none":
+        if row["ratio"] is None:
             continue
         assert row["image_tokens_removed"] == pytest.approx(row["ratio"], abs=0.02)
         assert row["prefill_gflops"] < base["prefill_gflops"]
@@ -81,7 +91,7 @@ def test_cli_writes_table_json_and_plot(model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| fastv 0.5 |" in printed
     result = json.loads((out / "reducers.json").read_text())
-    assert [row["label"] for row in result["rows"]] == ["none", "fastv 0.5"]
+    assert [row["label"] for row in result["rows"]] == ["none", "no image tokens", "fastv 0.5"]
     assert (out / "reducers.md").read_text().count("\n") >= 4
     assert (out / "reducers.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -95,12 +105,12 @@ def test_a_learned_method_runs_on_the_checkpoint_trained_for_it(model_dir, tmp_p
     model.save_pretrained(trained_dir)
     attach_reducer(model, "registers:tokens=4,layer=1", train=True).save(trained_dir)
     kwargs = dict(items=3, batch_size=3, timing_batches=1, repeats=1, decode_steps=1, progress=lambda line: None)
-    skipped = bench_reducers(model_dir, "toy-vqa-multi", ["registers"], [0.5], **kwargs)["rows"][1]
+    skipped = bench_reducers(model_dir, "toy-vqa-multi", ["registers"], [0.5], **kwargs)["rows"][-1]
     assert "has no trained registers" in skipped["skipped"]  # the base checkpoint was not trained with them
     result = bench_reducers(
         model_dir, "toy-vqa-multi", ["registers"], [0.5], method_models={"registers": trained_dir}, **kwargs
     )
-    row = result["rows"][1]
+    row = result["rows"][-1]
     assert row["model"] == str(trained_dir) and row["spec"] == "registers"
     # four images lose their 64 codes each and gain 4 registers: (256 - 16) / 256 fewer tokens after layer 1
     assert row["image_tokens_removed"] == pytest.approx((256 - 16) / 256)

@@ -166,7 +166,8 @@ def test_demo_fast_pretrains_on_two_ranks_and_reports_falling_losses(capsys, tmp
     assert "| [image](chat/scene.png) Describe the image. |" in report
     assert "- `GET /v1/models`: demo" in report and "-byte PNG" in report  # the openai client talked to `serve`
     reduction = json.loads((out / "reducers.json").read_text())
-    none, fastv = reduction["rows"]
+    none, blind, fastv = reduction["rows"]
+    assert blind["image_tokens_removed"] == pytest.approx(1.0)
     assert fastv["spec"] == "fastv:ratio=0.5,layer=1" and fastv["image_tokens_removed"] == pytest.approx(0.5)
     assert fastv["prefill_gflops"] < none["prefill_gflops"] and fastv["accuracy"] is not None
     assert "| fastv 0.5 | 50% |" in report

@@ -199,7 +199,7 @@ def test_pyramid_drop_shrinks_the_cache_stage_by_stage(text_tokenizer):
     )
     model = MMLLM.from_config(config, toy_vocab_layout(text_tokenizer), text_tokenizer, random_toy_tokenizers()).eval()
     prompts = image_prompts(model, 3, images_per_prompt=(2, 1, 2))
-    reducer = attach_reducer(model, "pdrop:layers=1/3,ratio=0.5")
+    reducer = attach_reducer(model, "pdrop:layers=1/3,ratio=0.75")  # half of what is left, twice
     assert reducer.boundaries == [1, 3]
     generator = Generator(model)
     config = GenerationConfig(max_new_tokens=5, stop_ids=())

@@ -10,6 +10,8 @@ four two-shape images, 256 image tokens, and an attribute, relation or counting 
   QK^T and AV over the keys each query sees; the reducers' own scoring is left out;
 * measured prefill wall-clock on the first `timing_batches` batches: the median of interleaved
   repeats per batch (`bench.timing.interleaved`), summed, as a ratio to the unreduced model;
+* a "no image tokens" reference row: every image token removed before the LLM, so the
+  accuracy columns can be read against what the model answers without looking;
 * the **ideal slice** of each row: the same model cutting exactly the same tokens at the same
   layers with no scoring, similarity or merging computed (`IdealSlice`). A method's wall-clock
   ratio should be within 0.05 of its ideal's; more means its bookkeeping eats the saving;
@@ -45,7 +47,7 @@ from mmllm.generation import GenerationConfig, Generator, Prompt, decode_replies
 from mmllm.model.backbone import BackboneHook, KVCache, TokenState
 from mmllm.model.mmllm import MMLLM
 from mmllm.model.reducers import attach_reducer
-from mmllm.model.reducers.base import VISUAL_MODALITIES, build_reducer, registry
+from mmllm.model.reducers.base import VISUAL_MODALITIES, TokenReducer, build_reducer, keep_tokens, registry
 
 HONEST_GAP = 0.05  # the issue's bound: a method's wall-clock ratio within 0.05 of its ideal slice's
 # The issue's targets: (fraction removed, before which layer (0: before the LLM), prefill
@@ -75,7 +77,10 @@ def contenders_for(
 ) -> list[Contender]:
     """The baseline and one row per (method, ratio); a one-line error for an unknown method or bad ratio."""
     reducers = registry()
-    rows = [Contender("none", None, model=model)]
+    rows = [
+        Contender("none", None, model=model),
+        Contender("no image tokens", WithoutImages.name, layer=0, model=model),
+    ]
     for name in methods:
         if name not in reducers:
             raise ConfigError(f"unknown reducer {name!r} (reducers: {', '.join(sorted(reducers))})")
@@ -116,6 +121,20 @@ class _Census(BackboneHook):
     def _valid(state: TokenState) -> list[int]:
         b, t = state.hidden.shape[:2]
         return [t] * b if state.valid is None else state.valid.sum(dim=1).tolist()
+
+
+class WithoutImages(TokenReducer):
+    """The reference row: every image and video token removed before the LLM."""
+
+    name = "no-image"
+
+    def before_llm(self, state: TokenState, cache: KVCache | None) -> TokenState:
+        if state.hidden.shape[1] == 1:
+            return state
+        keep = ~self.visual(state)
+        self.kept_counts = [0] * keep.shape[0]
+        self.record(0, keep)
+        return keep_tokens(state, keep)
 
 
 def prefill_flops(model: MMLLM, tokens_per_layer: list[int]) -> float:
@@ -232,7 +251,7 @@ def bench_reducers(
         progress(f"[bench reducers] {contender.label}: accuracy on {items} items")
         runs_on = contender.model
         try:
-            reducer = attach_reducer(runs_on, contender.spec) if contender.spec else None
+            reducer = runs_on.attach_hook(_reducer(contender)) if contender.spec else None
         except ConfigError as err:
             contender.skipped = str(err)
             progress(f"[bench reducers] {contender.label}: skipped ({err})")
@@ -335,11 +354,16 @@ def _runner(model: MMLLM, hooks: list[BackboneHook], tokens: torch.Tensor, mask:
 
 def _hooks(contender: Contender) -> list[BackboneHook]:
     """The contender's reducer, built and bound for its model but not attached (none for the baseline)."""
-    if contender.spec is None:
-        return []
-    reducer = attach_reducer(contender.model, contender.spec)
-    contender.model.detach_hook(reducer)
-    return [reducer]
+    return [] if contender.spec is None else [_reducer(contender)]
+
+
+def _reducer(contender: Contender) -> TokenReducer:
+    model = contender.model
+    if contender.spec == WithoutImages.name:
+        return WithoutImages(model.layout, model.config.num_hidden_layers)
+    reducer = attach_reducer(model, contender.spec)
+    model.detach_hook(reducer)
+    return reducer
 
 
 def _accuracy(

@@ -137,10 +137,12 @@ class ToMe(_MergingReducer):
         hidden = state.hidden.clone()
         sizes = torch.ones_like(visual, dtype=torch.float32) if state.key_bias is None else state.key_bias.exp().round()
         keep = torch.ones_like(visual)
+        # one key projection for the whole batch: spans never overlap, so each span's keys are those of its tokens
+        keys = head_mean_keys(self.backbone(), layer, state.hidden) if self.by == "key" else None
         for row, start, end in visual_spans(visual):
             span = slice(start, end)
             image = hidden[row, span].float()
-            metric = head_mean_keys(self.backbone(), layer, hidden[row, span]) if self.by == "key" else image
+            metric = keys[row, span] if keys is not None else image
             target = self.span_target(round(float(sizes[row, span].sum())), layer)
             merged, sizes[row, span], gone = bipartite_merge(image, metric, sizes[row, span], end - start - target)
             hidden[row, span] = merged.to(hidden.dtype)

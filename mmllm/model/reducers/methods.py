@@ -8,8 +8,10 @@ fastv      FastV (Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2"
            matrix is built and every layer keeps running SDPA. Ranking is per sample.
 pdrop      PyramidDrop (Xing et al. 2024, "PyramidDrop: Accelerating Your Large Vision-Language
            Models via Pyramid Visual Redundancy Reduction"): before each layer of `layers`
-           (default: 1/4, 1/2 and 3/4 of the depth), FastV's ranking drops `ratio` of the visual
-           tokens left.
+           (default: 1/4, 1/2 and 3/4 of the depth), FastV's ranking drops the same fraction of
+           the visual tokens left, so that `ratio` of them are gone after the last stage (the
+           paper's per-stage keep ratio lambda is (1 - ratio) ** (1 / stages); its 0.5 over three
+           stages is ratio=0.875).
 dart       DART (Wen et al. 2025, "Stop Looking for Important Tokens ... Duplication Matters
            More"): before layer `layer`, pick `pivots` visual tokens (largest hidden-state norm),
            and keep those and the tokens least similar (cosine) to any pivot, dropping `ratio`
@@ -178,6 +180,7 @@ class PyramidDrop(FastV):
         stages = parse_layers(self.name, layers, num_layers, self.default_layers(num_layers))
         super().__init__(layout, num_layers, stages[0], ratio, queries)
         self.boundaries = stages
+        self.stage_ratio = 1.0 - (1.0 - self.ratio) ** (1.0 / len(stages))  # each stage keeps lambda of what is left
         if self.boundaries[0] == 0:
             raise ConfigError(
                 f"reducer {self.name}: stage boundaries are layers >= 1 (a stage before the first layer is prellm's)"
@@ -187,6 +190,9 @@ class PyramidDrop(FastV):
     def default_layers(num_layers: int) -> list[int]:
         """PyramidDrop's default: four stages of equal depth, a drop at each inner boundary."""
         return quarters(num_layers)
+
+    def keep_count(self, counts: Tensor) -> Tensor:
+        return counts - torch.floor(counts.float() * self.stage_ratio).long()
 
     def before_llm(self, state: TokenState, cache: KVCache | None) -> TokenState:
         return state
