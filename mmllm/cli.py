@@ -11,6 +11,7 @@
     mmllm pretrain           the DeepSpeed pretraining loop (also `deepspeed train/pretrain.py`)
     mmllm finetune           LoRA, full or QLoRA finetuning on the same loop (also `deepspeed train/finetune.py`)
     mmllm merge-lora         merge a LoRA adapter into a self-contained checkpoint
+    mmllm latent-train       a reasoning method on the toy puzzles: Coconut's curriculum stage by stage, or a baseline
     mmllm bench model        our backbone against transformers' Llama, forward + backward
     mmllm bench train        our training loop against transformers' Trainer and a raw torch loop
     mmllm bench tokenizers   train, score and time the toy tokenizers
@@ -167,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="the merged, self-contained checkpoint dir")
     merge.set_defaults(handler=cmd_merge_lora)
 
+    latent = commands.add_parser(
+        "latent-train", help="train a reasoning method on the toy puzzles: Coconut's curriculum, or a baseline"
+    )
+    latent.add_argument("--config", required=True, help="configs/finetune/toy_{coconut,cot,nocot,pause}.yaml")
+    latent.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. run.finetune.base_model=DIR"
+    )
+    latent.set_defaults(handler=cmd_latent_train)
+
     bench = commands.add_parser("bench", help="benchmarks against named baselines")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_model = bench_commands.add_parser("model", help="backbone vs transformers' Llama, forward+backward on CPU")
@@ -311,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--guidance", default="", metavar="MODALITY=SCALE,...", help="CFG scales, e.g. image=3")
+    evaluate.add_argument(
+        "--latent",
+        metavar="MODE",
+        help="how the reasoning puzzles are answered: cot (default), no-cot, pause:k=K, or coconut:steps=N "
+        "(through the latent head of the model's dir)",
+    )
+    evaluate.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RESULTS",
+        help="print one table of several runs' results.json (one per reasoning method; also to --report) and exit",
+    )
     evaluate.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
     evaluate.add_argument("--report", help="also write a markdown report (table and image grid) here")
     evaluate.set_defaults(handler=cmd_eval)
@@ -345,10 +367,13 @@ def _cuda() -> bool:
 
 
 def load_model(args: argparse.Namespace):
-    """The --model checkpoint in eval mode, with --adapter merged, on --device in --dtype."""
+    """The --model checkpoint in eval mode, with --adapter merged, on --device in --dtype. A latent
+    head saved beside the adapter or the weights (`latent_head.safetensors`) is attached too: it
+    changes nothing until latent steps are fed (`mmllm eval --latent coconut:steps=N`)."""
     import torch
 
     from mmllm.model.adapters import apply_adapter
+    from mmllm.model.latent import LATENT_HEAD_FILE, load_latent_head
     from mmllm.model.mmllm import MMLLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -368,6 +393,9 @@ def load_model(args: argparse.Namespace):
         from mmllm.model.reducers import attach_reducer
 
         attach_reducer(model, args.reducer)
+    head = next((d for d in (args.adapter, args.model) if d and (Path(d) / LATENT_HEAD_FILE).is_file()), None)
+    if head is not None:
+        load_latent_head(model, head)
     return model.eval()
 
 
@@ -429,8 +457,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_serve(args)
 
 
+def cmd_latent_train(args: argparse.Namespace) -> None:
+    from mmllm.model.latent.train import load_latent_train_config, train_latent
+    from mmllm.training.loop import shutdown_distributed
+
+    summary = train_latent(load_latent_train_config(args.config, args.overrides), progress=not args.quiet)
+    shutdown_distributed()  # the in-process stages' group (ranks: 1)
+    for stage in summary["stages"]:
+        print(f"stage {stage['stage']} ({stage['format']}): loss {stage['first_loss']:.4f} -> {stage['last_loss']:.4f}")
+    print(f"model -> {summary['model']}; evaluate it with --latent {summary['eval']}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
-    from mmllm.evaluation.report import write_markdown
+    from mmllm.evaluation.reasoning import parse_mode
+    from mmllm.evaluation.report import reasoning_table, write_markdown
     from mmllm.evaluation.runner import EvalSettings, evaluate, resolve_tasks
     from mmllm.evaluation.tasks import list_tasks
 
@@ -440,8 +480,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
             writes = ",".join(task.output_modalities) or "text"
             print(f"{task.name:<18} {reads:>24} -> {writes:<24} {task.metric}: {task.description}")
         return
+    if args.compare:
+        table = reasoning_table([_read_results(path) for path in args.compare])
+        print(table)
+        if args.report:
+            Path(args.report).write_text(table + "\n", encoding="utf-8")
+        return
     if not args.model or not args.tasks:
-        raise MMLLMError("eval needs --model and --tasks (or --list)")
+        raise MMLLMError("eval needs --model and --tasks (or --list, or --compare)")
     settings = EvalSettings(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
         limit=args.limit,
@@ -449,6 +495,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         guidance=parse_scales(args.guidance),
         untrained=not args.no_untrained,
+        latent=parse_mode(args.latent) if args.latent else None,
         command=args.command_line,
     )
     resolve_tasks(settings.tasks, settings.limit)  # unknown tasks and a bad limit fail before the weights load
@@ -456,6 +503,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.report:
         write_markdown(results, Path(args.out).parent, Path(args.report))
     print(f"results -> {args.out}")
+
+
+def _read_results(path: str) -> dict:
+    from mmllm.config import read_json_object
+
+    return read_json_object(Path(path), MMLLMError, "eval results")
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> None:

@@ -70,9 +70,9 @@ def plot_reducers(rows: list[dict], path: Path, title: str = "") -> Path:
         if row["spec"] is None:
             axes.scatter([1.0], [100 * row["accuracy"]], marker="*", s=160, color="black", label="no reducer")
             continue
-        method = row["method"]
+        method = row["method"] or row["label"]  # reference rows are named by their label
         colour = colours.setdefault(method, f"C{len(colours) % 10}")
-        axes.scatter([row["prefill_ratio"]], [100 * row["accuracy"]], color=colour, label=method if method else None)
+        axes.scatter([row["prefill_ratio"]], [100 * row["accuracy"]], color=colour, label=method)
         axes.scatter([row["ideal_ratio"]], [100 * row["accuracy"]], facecolors="none", edgecolors=colour)
         axes.plot([row["ideal_ratio"], row["prefill_ratio"]], [100 * row["accuracy"]] * 2, color=colour, lw=0.8)
     handles, labels = axes.get_legend_handles_labels()

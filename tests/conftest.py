@@ -148,3 +148,29 @@ def write_yaml(path: Path, config: dict, overrides: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """The one-process group of every in-process training run of the session, ended with it:
+    DeepSpeed keeps its own handle on the first group a process makes, so runs must share it."""
+    from mmllm.training.loop import shutdown_distributed
+
+    yield
+    shutdown_distributed()
+
+
+@pytest.fixture(scope="module")
+def one_rank(process_group):
+    """The environment of a one-rank run in this process, restored after the module."""
+    from mmllm.training.launch import free_port
+
+    environment = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    if not torch.cuda.is_available():
+        environment["DS_ACCELERATOR"] = "cpu"  # what setup_distributed would set, restored here
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {**environment, "MASTER_PORT": str(free_port())}.items():
+            patch.setenv(key, value)
+        yield
+    torch.set_num_threads(threads)  # a run sets its config's thread count

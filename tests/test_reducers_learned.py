@@ -155,25 +155,6 @@ def vision_sft(tmp_path_factory, text_tokenizer_dir):
     return root
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    """A one-process group for the in-process finetune runs of this module, ended after them
-    (DeepSpeed keeps its own handle on the group, so runs share one); the environment is restored."""
-    from mmllm.training.launch import free_port
-    from mmllm.training.loop import shutdown_distributed
-
-    environment = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    if not torch.cuda.is_available():
-        environment["DS_ACCELERATOR"] = "cpu"  # what setup_distributed would set, restored here
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in {**environment, "MASTER_PORT": str(free_port())}.items():
-            patch.setenv(key, value)
-        yield
-        shutdown_distributed()
-    torch.set_num_threads(threads)  # a run sets its config's thread count
-
-
 def run_finetune(root: Path, out: Path, **overrides):
     """A 2-step finetune with registers, in this process (one rank, ZeRO-0), and the registers it started from."""
     from mmllm.training.finetune import finetune, finetune_hooks, load_finetune_config

@@ -3,8 +3,10 @@
 The table has one row per task: its primary metric for the model beside the chance and
 untrained reference rows, with the direction of improvement marked. Fractions (accuracies,
 success rates, part scores) are shown as percentages; WER, reach error and perplexity as
-numbers. The grid shows each generated image, upscaled without smoothing so its pixels stay
-visible, above the prompt that asked for it.
+numbers. When the run scored reasoning puzzles, two columns follow: the reasoning mode and the
+mean generated tokens per answer. `reasoning_table` puts several runs (one per method: Coconut
+and its baselines) in one table. The grid shows each generated image, upscaled without
+smoothing so its pixels stay visible, above the prompt that asked for it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ PROMPT_LINES = 4  # lines of prompt text per cell; longer prompts keep their end
 TEXT_LINES = PROMPT_LINES + 2  # a title line (task), the prompt, a score line
 CELL_HEIGHT = PAD + IMAGE_PX + PAD + TEXT_LINES * LINE_HEIGHT + PAD
 GRID_COLUMNS = 4  # cells per row of the grid
+TOKENS = "generated_tokens"  # the per-sample key of a reasoning answer's cost (mmllm.evaluation.reasoning)
 SCORE_KEYS = ("accuracy", "image_accuracy")  # the per-sample key shown under an image, first one present
 RIGHT, WRONG, INK = (0, 120, 0), (180, 0, 0), (0, 0, 0)
 
@@ -51,10 +54,19 @@ def format_value(key: str, value: float | None, stderr: float | None = None) -> 
     return f"{value:.{digits}f}" + (f" ± {stderr:.{digits}f}" if spread else "")
 
 
+def format_tokens(value: float | None) -> str:
+    """Mean generated tokens per answer, to a tenth; '—' when absent."""
+    return f"{value:.1f}" if value is not None and math.isfinite(value) else MISSING
+
+
 def results_table(results: dict[str, Any]) -> str:
-    """A markdown table, one row per task: metric (↑ higher is better / ↓ lower), model, chance, untrained, n."""
-    lines = ["| task | metric | model | chance | untrained | n |", "|---|---|---:|---:|---:|---:|"]
-    for name, task in results.get("tasks", {}).items():
+    """A markdown table, one row per task: metric (↑ higher is better / ↓ lower), model, chance, untrained, n;
+    then the reasoning mode and mean tokens per answer when some task counted them."""
+    tasks = results.get("tasks", {})
+    counted = any(TOKENS in task.get("metrics", {}) for task in tasks.values())
+    header, rule = "| task | metric | model | chance | untrained | n |", "|---|---|---:|---:|---:|---:|"
+    lines = [header + " mode | tokens/answer |", rule + "---|---:|"] if counted else [header, rule]
+    for name, task in tasks.items():
         metric = task.get("metric", "")
         arrow = "↑" if task.get("higher_is_better", True) else "↓"
         metrics = task.get("metrics", {})
@@ -62,7 +74,32 @@ def results_table(results: dict[str, Any]) -> str:
         model = format_value(metric, metrics.get(metric), metrics.get(f"{metric}_stderr"))
         chance = format_value(metric, references.get("chance", {}).get(metric))
         untrained = format_value(metric, references.get("untrained", {}).get(metric))
-        lines.append(f"| {name} | {metric} {arrow} | {model} | {chance} | {untrained} | {task.get('n', MISSING)} |")
+        line = f"| {name} | {metric} {arrow} | {model} | {chance} | {untrained} | {task.get('n', MISSING)} |"
+        if counted:
+            line += f" {task.get('mode', MISSING)} | {format_tokens(metrics.get(TOKENS))} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def reasoning_table(runs: Sequence[dict[str, Any]]) -> str:
+    """One markdown table of several eval runs (one per method): a row per run, its mode and model,
+    and per reasoning task the accuracy and mean tokens per answer; the first run's chance row last."""
+    names = list(dict.fromkeys(n for run in runs for n, t in run.get("tasks", {}).items() if "mode" in t))
+    header = "| method | model | " + " | ".join(f"{n} accuracy | {n} tokens/answer" for n in names) + " |"
+    lines = [header, "|---|---|" + "---:|---:|" * len(names)]
+    for run in runs:
+        tasks = run.get("tasks", {})
+        mode = next((tasks[n]["mode"] for n in names if n in tasks), MISSING)
+        cells = []
+        for name in names:
+            metrics = tasks.get(name, {}).get("metrics", {})
+            cells += [format_value("accuracy", metrics.get("accuracy"), metrics.get("accuracy_stderr"))]
+            cells += [format_tokens(metrics.get(TOKENS))]
+        lines.append(f"| {mode} | {run.get('model', {}).get('path') or MISSING} | " + " | ".join(cells) + " |")
+    if runs:
+        references = [runs[0]["tasks"].get(n, {}).get("references", {}) for n in names]
+        chance = [format_value("accuracy", r.get("chance", {}).get("accuracy")) for r in references]
+        lines.append("| chance | — | " + " | ".join(f"{c} | {MISSING}" for c in chance) + " |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """`mmllm eval`: score a model on registered tasks and write results.json.
 
     mmllm eval --model DIR [--adapter DIR] --tasks toy-caption,toy-draw --out results.json [--limit N]
+    mmllm eval --model DIR --tasks toy-prosqa,toy-arith,toy-visual-count --latent coconut:steps=6
 
 For each task the runner makes the task's held-out items, encodes their prompts (media through
 the model's tokenizers), generates the replies in batches with the same `Generator` that chat
@@ -13,9 +14,15 @@ model it scores two reference rows, as every eval report must show:
 
 Everything that can be refused is refused before inference starts: an unknown task, a model
 without the modality a task reads or writes, an encode-only tokenizer asked to generate, a
-limit below 1. results.json records per-task metrics and per-sample outputs, the checkpoint's
-hash, package versions, seed and command line, and efficiency (prefill latency, decode
-tokens/s, peak memory); a few generated media per task are saved beside it.
+limit below 1, and what the reasoning mode cannot run (reasoning.py). results.json records
+per-task metrics and per-sample outputs, the checkpoint's hash, package versions, seed and
+command line, and efficiency (prefill latency, decode tokens/s, peak memory); a few generated
+media per task are saved beside it.
+
+The reasoning puzzles (`toy-prosqa`, `toy-arith`, `toy-visual-count`) are answered in the
+settings' reasoning mode (`--latent`: chain of thought, no CoT, pause tokens or Coconut's
+continuous thoughts) and also score `generated_tokens` per sample; their answers are text, so no
+guidance applies to them. The untrained reference of a Coconut run gets an untrained head.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from tqdm import tqdm
 
 from mmllm.chat_template import encode_document
 from mmllm.errors import InputError, LayoutError
+from mmllm.evaluation.reasoning import ReasoningMode, check_mode, reason, with_fresh_head
 from mmllm.evaluation.tasks import EvalItem, Task, get_task, prompt_text, reply_description
 from mmllm.generation import GenerationConfig, Generator, Guidance, Prompt, decode_replies, encode_prompts
 from mmllm.generation.media_files import save_reply_media
@@ -60,6 +68,7 @@ class EvalSettings:
     guidance: dict[str, float] = field(default_factory=dict)  # CFG scale per generated modality
     sampling: SamplingParams = field(default_factory=SamplingParams)  # greedy: scores are reproducible
     untrained: bool = True  # also score a random-init model of the same config (the reference row)
+    latent: ReasoningMode | None = None  # how the reasoning puzzles are answered (None: plain decoding)
     media_per_task: int = 16  # generated media files saved per task (all samples' text is kept)
     progress: bool = True
     command: list[str] = field(default_factory=lambda: list(sys.argv))  # the command line, for provenance
@@ -96,9 +105,13 @@ def check_tasks(model: MMLLM, names: Sequence[str], limit: int | None) -> list[T
 def evaluate(model: MMLLM, settings: EvalSettings, out: Path, model_path: str | None = None) -> dict[str, Any]:
     """Run every task; write `out` (results.json) and media beside it; return the results."""
     tasks = check_tasks(model, settings.tasks, settings.limit)
+    if settings.latent is not None:
+        check_mode(model, tasks, settings.latent)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     untrained = _untrained_twin(model, settings.seed) if settings.untrained else None
+    if untrained is not None:
+        with_fresh_head(untrained, model)
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "model": _model_info(model, model_path),
@@ -110,6 +123,7 @@ def evaluate(model: MMLLM, settings: EvalSettings, out: Path, model_path: str | 
             "batch_size": settings.batch_size,
             "guidance": settings.guidance,
             "sampling": settings.sampling.__dict__,
+            "latent": settings.latent.label if settings.latent is not None else None,
         },
         "tasks": {},
     }
@@ -168,8 +182,8 @@ class _TaskRunner:
             scores = self._perplexity(model, efficiency)
             replies: list[list] = [[] for _ in self.items]
         else:
-            replies = self._generate(model, efficiency, desc=self.task.name)
-            scores = [self.task.score(item, reply) for item, reply in zip(self.items, replies, strict=True)]
+            replies, tokens = self._generate(model, efficiency, desc=self.task.name)
+            scores = self._score(replies, tokens)
         totals.merge(efficiency)
         samples = []
         for i, (item, reply, score) in enumerate(zip(self.items, replies, scores, strict=True)):
@@ -184,7 +198,9 @@ class _TaskRunner:
                     "scores": score,
                 }
             )
+        entry = {"mode": self._mode_label()} if self.task.reasoning else {}
         return {
+            **entry,
             "metric": self.task.metric,
             "higher_is_better": self.task.higher_is_better,
             "n": len(self.items),
@@ -203,13 +219,26 @@ class _TaskRunner:
         """The aggregate metrics of another model (the untrained twin) on the same items."""
         if self.task.kind == "perplexity":
             return self.task.aggregate(self._perplexity(model, _Efficiency()))
-        replies = self._generate(model, _Efficiency(), desc=f"{self.task.name} (untrained)")
-        return self.task.aggregate([self.task.score(i, r) for i, r in zip(self.items, replies, strict=True)])
+        replies, tokens = self._generate(model, _Efficiency(), desc=f"{self.task.name} (untrained)")
+        return self.task.aggregate(self._score(replies, tokens))
 
-    def _generate(self, model: MMLLM, efficiency: _Efficiency, desc: str) -> list[list]:
+    def _mode_label(self) -> str:
+        return self.settings.latent.label if self.settings.latent is not None else "cot"
+
+    def _score(self, replies: list[list], tokens: list[int]) -> list[dict[str, float]]:
+        """Each reply scored by the task; a puzzle's score also holds the tokens its answer cost."""
+        scores = [self.task.score(item, reply) for item, reply in zip(self.items, replies, strict=True)]
+        if self.task.reasoning:
+            scores = [{**score, "generated_tokens": float(n)} for score, n in zip(scores, tokens, strict=True)]
+        return scores
+
+    def _generate(self, model: MMLLM, efficiency: _Efficiency, desc: str) -> tuple[list[list], list[int]]:
+        """The decoded replies, and the tokens each cost (for a puzzle, counted in its reasoning mode)."""
         generator = Generator(model)
-        guidance = Guidance({m: s for m, s in self.settings.guidance.items() if m in generator.generatable})
+        scales = {} if self.task.reasoning else self.settings.guidance  # a puzzle's answer is text
+        guidance = Guidance({m: s for m, s in scales.items() if m in generator.generatable})
         replies: list[list] = []
+        tokens: list[int] = []
         batch = self.settings.batch_size
         with tqdm(total=len(self.items), desc=desc, unit="item", disable=not self.settings.progress) as bar:
             for start in range(0, len(self.items), batch):
@@ -222,12 +251,17 @@ class _TaskRunner:
                     stop_after_span=True,
                     seed=self.settings.seed,
                 )
-                uncond = [p.unconditional(model.layout) for p in prompts] if guidance.active else None
-                outputs = generator.generate([p.ids for p in prompts], config, uncond)
+                if self.task.reasoning:
+                    outputs, counts = reason(model, generator, [p.ids for p in prompts], config, self.settings.latent)
+                else:
+                    uncond = [p.unconditional(model.layout) for p in prompts] if guidance.active else None
+                    outputs = generator.generate([p.ids for p in prompts], config, uncond)
+                    counts = [len(o.ids) for o in outputs]
                 efficiency.add(generator)
                 replies += decode_replies(model, [p.reply(o.ids) for p, o in zip(prompts, outputs, strict=True)])
+                tokens += counts
                 bar.update(len(chunk))
-        return replies
+        return replies, tokens
 
     def _perplexity(self, model: MMLLM, efficiency: _Efficiency) -> list[dict[str, float]]:
         """Summed next-token NLL (nats) and token count of each item's document."""
@@ -326,4 +360,6 @@ def _finite(value: Any) -> Any:
 def _print_row(task: Task, entry: dict[str, Any]) -> None:
     value = entry["metrics"].get(task.metric)
     refs = ", ".join(f"{name} {ref.get(task.metric, float('nan')):.4g}" for name, ref in entry["references"].items())
-    print(f"[eval] {task.name}: {task.metric} {value:.4g} ({refs}); n={entry['n']}", flush=True)
+    tokens = entry["metrics"].get("generated_tokens")
+    spent = f"; {tokens:.1f} tokens per answer ({entry['mode']})" if tokens is not None else ""
+    print(f"[eval] {task.name}: {task.metric} {value:.4g} ({refs}){spent}; n={entry['n']}", flush=True)

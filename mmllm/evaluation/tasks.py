@@ -52,6 +52,7 @@ class Task:
     output_modalities: tuple[str, ...] = ()  # media the model must write (tokenizers needed to decode)
     metric: str = "accuracy"
     higher_is_better: bool = True
+    reasoning: bool = False  # a puzzle: answered in the eval's reasoning mode, its tokens per answer counted
 
     def items(self, n: int, seed: int) -> list[EvalItem]:
         raise NotImplementedError
@@ -82,7 +83,7 @@ def register_task(task: Task) -> Task:
 
 
 def _load_builtin_tasks() -> None:
-    import mmllm.evaluation.toy  # noqa: F401  (registers the toy-world tasks on import)
+    import mmllm.evaluation.reasoning  # noqa: F401  (registers the toy-world tasks, puzzles included, on import)
 
 
 def get_task(name: str) -> Task:

@@ -82,5 +82,13 @@ class ModelConfig:
         return embed + self.num_hidden_layers * per_layer + h
 
     @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        """The config of a checkpoint dir, as HF's `PretrainedConfig.from_pretrained` gives it (peft
+        reads the base model's through it, to see whether the vocabulary was resized)."""
+        from mmllm.model.mmllm import read_model_config
+
+        return read_model_config(Path(path))
+
+    @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
         return load_config(cls, path, overrides)

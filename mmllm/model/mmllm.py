@@ -119,16 +119,7 @@ class MMLLM(CausalLM):
         straight onto its device, never the whole state dict at once.
         """
         path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: checkpoint dir not found")
-        config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise CheckpointError(f"{path}: no {CONFIG_FILE} (not a checkpoint dir, or a partial one)")
-        raw = read_json_object(config_path, CheckpointError, CONFIG_FILE)
-        if raw.get("format") == NATIVE_FORMAT:
-            config = from_dict(ModelConfig, raw.get("model", {}), str(config_path))
-        else:
-            config = hf.config_from_hf(raw, str(config_path))
+        config = read_model_config(path)
         layout = VocabLayout.load(path / LAYOUT_FILE) if (path / LAYOUT_FILE).is_file() else None
         if text_tokenizer is None:
             text_tokenizer = _find_text_tokenizer(path, layout)
@@ -201,7 +192,9 @@ class MMLLM(CausalLM):
             tokenizer.save_pretrained(directory / MODALITY_TOKENIZERS_DIR / name)
 
     def _weights_to_save(self) -> dict[str, torch.Tensor]:
-        state = dict(self.state_dict())
+        """The LM's weights: never an attached plug-in's (`model.hooks.*`), which saves its own file
+        beside them (registers, latent heads) and which `from_pretrained` would refuse as unexpected."""
+        state = {name: tensor for name, tensor in self.state_dict().items() if not name.startswith("model.hooks.")}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")
         return state
@@ -313,6 +306,19 @@ def _modality_tokenizer_dirs(path: Path) -> dict[str, Path]:
     """`tokenizers/NAME/` dirs of a checkpoint, by modality name."""
     root = path / MODALITY_TOKENIZERS_DIR
     return {d.name: d for d in root.iterdir() if d.is_dir()} if root.is_dir() else {}
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """The model config of a native or HF checkpoint dir."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint dir not found")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE} (not a checkpoint dir, or a partial one)")
+    raw = read_json_object(config_path, CheckpointError, CONFIG_FILE)
+    if raw.get("format") == NATIVE_FORMAT:
+        return from_dict(ModelConfig, raw.get("model", {}), str(config_path))
+    return hf.config_from_hf(raw, str(config_path))
 
 
 def _find_text_tokenizer(path: Path, layout: VocabLayout | None) -> Any:

@@ -38,6 +38,16 @@ The drop removes image code tokens from the sequence after the register layer, s
 with them: train registers on data whose images are inputs (captioning, VQA), not targets. It runs
 with ZeRO-0/1/2 (the backbone reads the registers at a hook point, outside any forward of theirs,
 where ZeRO-3 cannot gather them for the backward).
+
+`finetune.latent_head` trains a latent-reasoning head (`mmllm.model.latent`) with the model, e.g.
+`{kind: coconut, projection: none, max_latent_steps: 8}`: the head's registry name and its knobs.
+The method's hooks are wrapped in `LatentHeadHooks`, which attach the head after the method's
+wrapping (so it trains under LoRA too), continue from the base checkpoint's
+`latent_head.safetensors` when it holds the same head, and save the head beside the model dir or
+the adapter (`merge-lora` carries it over). The head trains through its objective, listed in
+`objectives:` (`coconut` for Coconut, on `mmllm.model.latent.write_puzzle_shards` data); like the
+registers it runs with ZeRO-0/1/2, and not beside a token reducer. `mmllm latent-train` runs
+Coconut's curriculum as one such finetune per stage (`mmllm.model.latent.train`).
 """
 
 from __future__ import annotations
@@ -46,18 +56,19 @@ import importlib.util
 import json
 import logging
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from mmllm.config import load_config
+from mmllm.config import load_config, read_json_object
 from mmllm.errors import CheckpointError, ConfigError
 from mmllm.model.adapters import ADAPTER_CONFIG
+from mmllm.model.latent import LATENT_HEAD_FILE, LatentHeadHooks
+from mmllm.model.latent.base import make_head
+from mmllm.model.latent.base import registry as head_registry
 from mmllm.model.mmllm import CONFIG_FILE, LAYOUT_FILE, MMLLM
 from mmllm.model.reducers import attach_reducer, parse_spec
 from mmllm.model.reducers.base import registry
@@ -96,6 +107,8 @@ class FinetuneConfig:
     method: Literal["lora", "full", "qlora"] = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
     reducer: str = ""  # a learned reducer trained with the model, e.g. "registers:tokens=8,layer=2"
+    # A latent-reasoning head trained with the model: {kind: coconut, projection: none, max_latent_steps: 8}
+    latent_head: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,6 +143,7 @@ class FinetuneRunConfig(PretrainConfig):
             _check_qlora_available()
         if settings.reducer:
             _check_trainable_reducer(settings.reducer)
+        _check_latent_head(settings, self.objectives)
         super().check()
 
 
@@ -150,6 +164,38 @@ def _check_trainable_reducer(spec: str) -> None:
     if name not in trainable:
         raise ConfigError(
             f"finetune config: reducer {name!r} has nothing to train (trainable reducers: {', '.join(trainable)})"
+        )
+
+
+def _check_latent_head(settings: FinetuneConfig, objectives: tuple[str, ...]) -> None:
+    """The head must build for the base model, train through an objective the run lists, and not
+    share the sequence with a token reducer; a head's objective needs its head."""
+    trained_by = {cls.objective: name for name, cls in head_registry().items()}
+    if not settings.latent_head:
+        needing = [o for o in objectives if o in trained_by]
+        if needing:
+            raise ConfigError(
+                f"finetune config: objective {needing[0]} trains a latent head; set finetune.latent_head "
+                f"(e.g. {{kind: {trained_by[needing[0]]}}})"
+            )
+        return
+    options = dict(settings.latent_head)
+    kind = options.pop("kind", None)
+    if not isinstance(kind, str):
+        raise ConfigError("finetune config: finetune.latent_head needs a kind, e.g. {kind: coconut}")
+    base = Path(settings.base_model)
+    raw = read_json_object(base / CONFIG_FILE, ConfigError, CONFIG_FILE)
+    hidden_size = raw.get("model", raw).get("hidden_size")  # a native config.json nests it; a HF one does not
+    head = make_head(kind, VocabLayout.load(base / LAYOUT_FILE), hidden_size, **options)
+    if head.objective not in objectives:
+        raise ConfigError(
+            f"finetune config: latent_head {kind} trains through objective {head.objective}; "
+            f"list it in objectives (objectives: [{head.objective}])"
+        )
+    if settings.reducer:
+        raise ConfigError(
+            "finetune config: finetune.latent_head and finetune.reducer together: latent steps need a "
+            "sequence whose length no hook changes"
         )
 
 
@@ -309,38 +355,26 @@ class ReducerHooks(ModelHooks):
         self.reducer = attach_reducer(model, self.spec, train=True)
         return model
 
-    def saved(self, model: MMLLM) -> ReducerCheckpoint:
-        return ReducerCheckpoint(self.method.saved(model), model, self.reducer, self.output)
+    def saved(self, model: MMLLM) -> PluginCheckpoint:
+        return PluginCheckpoint(self.method.saved(model), self.reducer, self.output)
 
 
-class ReducerCheckpoint:
-    """What the method saves, without the reducer's parameters among the model's weights, and the
-    reducer's own file in the same dir (CHECKPOINT/model, or CHECKPOINT/adapter)."""
+class PluginCheckpoint:
+    """What the method saves (the model's weights never include a plug-in's: `_weights_to_save`,
+    and an adapter holds only adapter weights), then the plug-in's own file in the same dir
+    (CHECKPOINT/model, or CHECKPOINT/adapter): a learned reducer's registers, a latent head."""
 
-    def __init__(self, saved, model: MMLLM, reducer, output: str) -> None:
+    def __init__(self, saved, plugin, output: str) -> None:
         self.saved = saved
-        self.model = model
-        self.reducer = reducer
+        self.plugin = plugin
         self.output = output
 
     def parameters(self):
         return self.saved.parameters()
 
     def save_pretrained(self, path: str | Path) -> None:
-        with _detached(self.model, self.reducer):
-            self.saved.save_pretrained(path)
-        self.reducer.save(Path(path).with_name(self.output))
-
-
-@contextmanager
-def _detached(model: MMLLM, hook) -> Iterator[None]:
-    """`hook` out of the model's hook list for a while (the list itself is put back as it was)."""
-    hooks = model.model.hooks
-    model.detach_hook(hook)
-    try:
-        yield
-    finally:
-        model.model.hooks = hooks
+        self.saved.save_pretrained(path)
+        self.plugin.save(Path(path).with_name(self.output))
 
 
 def finetune_hooks(settings: FinetuneConfig) -> ModelHooks:
@@ -348,7 +382,12 @@ def finetune_hooks(settings: FinetuneConfig) -> ModelHooks:
         hooks = ModelHooks()  # pretraining's: every weight trains, the model dir is saved
     else:
         hooks = (QLoraHooks if settings.method == "qlora" else LoraHooks)(settings)
-    return ReducerHooks(hooks, settings.reducer) if settings.reducer else hooks
+    if settings.reducer:
+        hooks = ReducerHooks(hooks, settings.reducer)
+    if settings.latent_head:
+        options = dict(settings.latent_head)
+        hooks = LatentHeadHooks(hooks, options.pop("kind"), **options)
+    return hooks
 
 
 def finetune(
@@ -366,6 +405,10 @@ def finetune(
         # a module that returned a tensor made from it; hook points are not such forwards.
         raise ConfigError(
             "finetune config: finetune.reducer runs with ZeRO-0/1/2; ZeRO-3 would partition its parameters"
+        )
+    if config.finetune.latent_head and zero3:  # the same: the head is read at a hook point
+        raise ConfigError(
+            "finetune config: finetune.latent_head runs with ZeRO-0/1/2; ZeRO-3 would partition its parameters"
         )
     return train(config, deepspeed_config, resume, progress, hooks=finetune_hooks(config.finetune))
 
@@ -407,11 +450,11 @@ def _first_line(err: Exception) -> str:
 
 def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
     """Merge the adapter into the base and save a self-contained checkpoint (weights, layout, text
-    tokenizer, modality tokenizers, and the registers trained with the adapter) at `out`."""
+    tokenizer, modality tokenizers, and the registers or latent head trained with the adapter) at `out`."""
     model = MMLLM.from_pretrained(model_dir)
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out)
-    registers = Path(adapter_dir) / REGISTERS_FILE  # trained with the adapter (finetune.reducer)
-    if registers.is_file():
-        shutil.copyfile(registers, Path(out) / REGISTERS_FILE)
+    for plugin in (REGISTERS_FILE, LATENT_HEAD_FILE):  # trained with the adapter (finetune.reducer, .latent_head)
+        if (Path(adapter_dir) / plugin).is_file():
+            shutil.copyfile(Path(adapter_dir) / plugin, Path(out) / plugin)
     return Path(out)

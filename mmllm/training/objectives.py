@@ -44,6 +44,8 @@ def register_objective(name: str) -> Callable[[Objective], Objective]:
 
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
+        import mmllm.model.latent  # noqa: F401  (registers the latent heads' objectives, e.g. coconut)
+    if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[name]
 
@@ -62,10 +64,22 @@ def next_token(model, batch: dict[str, Tensor], modality_names: tuple[str, ...])
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     crosses = F.pad(documents[:, 1:] != documents[:, :-1], (0, 1), value=True)
     targets = targets.masked_fill(crosses, IGNORE_INDEX)
+    z_loss = getattr(getattr(model, "config", None), "z_loss", 0.0)
+    return score_targets(out.logits, targets, loss_weights, modalities, modality_names, z_loss)
+
+
+def score_targets(
+    logits: Tensor,
+    targets: Tensor,
+    loss_weights: Tensor,
+    modalities: Tensor,
+    modality_names: tuple[str, ...],
+    z_loss: float,
+) -> ObjectiveOutput:
+    """The objective output of next-token `targets` (B, T), already shifted (IGNORE_INDEX where
+    nothing is scored); `loss_weights` and `modalities` are input-aligned and shifted here."""
     weights = F.pad(loss_weights[:, 1:], (0, 1))
     target_modality = F.pad(modalities[:, 1:], (0, 1))
-    logits = out.logits
-    z_loss = getattr(getattr(model, "config", None), "z_loss", 0.0)
     loss_sum_mean, nll = weighted_cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weights.reshape(-1), z_loss
     )

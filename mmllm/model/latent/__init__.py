@@ -1,5 +1,6 @@
 """Latent-reasoning heads at the backbone's hook points: continuous thought (Coconut), its curriculum,
-the baselines' data formats, and batched KV-cached latent decoding. See base.py for the contract."""
+the baselines' data formats, and batched KV-cached latent decoding. See base.py for the contract;
+train.py drives a curriculum through the finetuning loop (`mmllm latent-train`)."""
 
 from mmllm.model.latent.base import (
     HEADS,

@@ -48,6 +48,7 @@ class LatentHead(FeedbackLatent):
     knobs in `options` (what `save` records and `read_latent_head` passes back to `__init__`)."""
 
     name: ClassVar[str] = ""
+    objective: ClassVar[str] = ""  # the training objective (mmllm.training.objectives) that trains the head
 
     def __init__(
         self,
@@ -110,12 +111,18 @@ def registry() -> dict[str, type[LatentHead]]:
 
 def build_head(name: str, model, **options: Any) -> LatentHead:
     """The head `name` with `options`, sized for `model` (its layout and width); not attached."""
-    if name not in registry():
-        raise ConfigError(f"unknown latent head {name!r} (heads: {', '.join(sorted(HEADS))})")
     if model.layout is None:
         raise ConfigError("latent heads need a model with a vocab layout")
+    return make_head(name, model.layout, model.config.hidden_size, **options)
+
+
+def make_head(name: str, layout: VocabLayout, hidden_size: int, **options: Any) -> LatentHead:
+    """The head `name` with `options` for a model of this layout and width; one-line ConfigErrors for
+    an unknown head, knob or value (what a finetuning config's `latent_head` is checked with)."""
+    if name not in registry():
+        raise ConfigError(f"unknown latent head {name!r} (heads: {', '.join(sorted(HEADS))})")
     try:
-        return HEADS[name](model.layout, model.config.hidden_size, **options)
+        return HEADS[name](layout, hidden_size, **options)
     except TypeError as err:
         raise ConfigError(f"latent head {name}: {err}") from None
 

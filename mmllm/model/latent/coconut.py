@@ -56,6 +56,7 @@ def identity_linear(hidden_size: int) -> nn.Linear:
 @register_head
 class CoconutHead(LatentHead):
     name = "coconut"
+    objective = "coconut"  # curriculum.py
 
     def __init__(
         self,

@@ -15,10 +15,10 @@ Knobs (`CoconutCurriculum`):
 
 Stage k is one run of the finetuning loop on stage-k data (`write_puzzle_shards` with
 `PuzzleFormat("coconut", stage=k)`), starting from the previous stage's model: a fresh optimizer
-per stage, as Coconut's `reset_optimizer`. The run's YAML lists `objectives: [coconut]`, and the
-run attaches the head through `LatentHeadHooks`, which wrap the method's hooks:
-`train(config, deepspeed_config, hooks=LatentHeadHooks(finetune_hooks(config.finetune), "coconut"))`.
-Its checkpoints save the head beside the model dir or the LoRA adapter, and the next stage's run
+per stage, as Coconut's `reset_optimizer`; `mmllm latent-train` (train.py) runs them all. The
+run's YAML sets `finetune.latent_head: {kind: coconut, ...}` and lists `objectives: [coconut]`, and
+`finetune_hooks` wraps the method's hooks in `LatentHeadHooks`, which attach the head. Its
+checkpoints save the head beside the model dir or the LoRA adapter, and the next stage's run
 continues from it. The head is read at a hook point, outside any forward of its own, so (as the
 learned reducers) it trains with ZeRO-0/1/2, not ZeRO-3; and activation checkpointing does not
 apply to forwards over a KV cache.
@@ -50,8 +50,8 @@ from mmllm.model.latent.base import (
     latent_forward,
     read_latent_head,
 )
-from mmllm.model.loss import IGNORE_INDEX, weighted_cross_entropy
-from mmllm.training.objectives import ObjectiveOutput, register_objective
+from mmllm.model.loss import IGNORE_INDEX
+from mmllm.training.objectives import ObjectiveOutput, register_objective, score_targets
 
 logger = logging.getLogger(__name__)
 
@@ -170,21 +170,8 @@ def coconut(model, batch: dict[str, Tensor], modality_names: tuple[str, ...]) ->
     # A latent slot is never a target, whatever the data's labels say: its id is only a placeholder.
     labels = rows.labels.masked_fill(rows.input_ids == head.latent_id, IGNORE_INDEX)
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    weights = F.pad(rows.loss_weights[:, 1:], (0, 1))
-    target_modality = F.pad(rows.modality[:, 1:], (0, 1))
     z_loss = getattr(base_model(model).config, "z_loss", 0.0)
-    mean, nll = weighted_cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weights.reshape(-1), z_loss
-    )
-    scored = targets.reshape(-1) != IGNORE_INDEX
-    tokens = scored.sum()
-    sums: dict[str, Tensor] = {}
-    modality = target_modality.reshape(-1)
-    for index, name in enumerate(("text", *modality_names)):
-        here = scored & (modality == index)
-        sums[f"loss/{name}"] = nll[here].sum().detach()
-        sums[f"loss/{name}_tokens"] = here.sum().to(nll.dtype)
-    return ObjectiveOutput(mean * tokens.clamp(min=1), tokens.to(torch.float32), sums)
+    return score_targets(logits, targets, rows.loss_weights, rows.modality, modality_names, z_loss)
 
 
 # ---------------------------------------------------------------- the loop's hooks
@@ -193,7 +180,7 @@ def coconut(model, batch: dict[str, Tensor], modality_names: tuple[str, ...]) ->
 class LatentHeadHooks:
     """A finetuning method's `ModelHooks` (`finetune_hooks(config.finetune)`) plus a latent head, with
     the same interface: attached after the method prepared the model (so LoRA leaves it trainable),
-    and saved beside what the method saves (`train(config, hooks=LatentHeadHooks(...))`).
+    and saved beside what the method saves (`finetune_hooks` wraps with it for `finetune.latent_head`).
 
     The head continues from the base checkpoint's `latent_head.safetensors` when that holds the same
     head with the same knobs (the next curriculum stage), else it starts fresh.
@@ -219,6 +206,6 @@ class LatentHeadHooks:
         return model
 
     def saved(self, model):
-        from mmllm.training.finetune import ReducerCheckpoint  # the same save: without the hook, then its file
+        from mmllm.training.finetune import PluginCheckpoint  # the method's save, then the head's file
 
-        return ReducerCheckpoint(self.method.saved(model), base_model(model), self.head, self.output)
+        return PluginCheckpoint(self.method.saved(model), self.head, self.output)

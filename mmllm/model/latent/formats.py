@@ -112,6 +112,8 @@ def write_puzzle_shards(
     disable_progress_bars()
     bundle = TokenizerBundle.load(bundle_dir)
     records = list(records)
+    if not records:
+        raise InputError(f"{out}: no puzzle records to write")
     for record, error in zip(records, tokenize_media(records, Path(root) if root else None, bundle), strict=True):
         if error is not None:
             raise InputError(f"record {record.get('id', '?')}: {error}")

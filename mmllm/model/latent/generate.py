@@ -36,8 +36,10 @@ def latent_generate(
     prompts: Sequence[Sequence[int]],
     latent_steps: int | Sequence[int],
     config: GenerationConfig | None = None,
+    generator: Generator | None = None,
 ) -> list[LatentOutput]:
-    """Continue each prompt with a latent span of its number of steps, then its reply."""
+    """Continue each prompt with a latent span of its number of steps, then its reply; `generator`
+    (default: a new one) is the model's, whose `stats` then time this call (as `mmllm eval` reads them)."""
     head = require_latent_head(model)
     steps = [latent_steps] * len(prompts) if isinstance(latent_steps, int) else list(latent_steps)
     if len(steps) != len(prompts):
@@ -46,5 +48,6 @@ def latent_generate(
     if config is not None and config.guidance.active:  # a twin's forward would overwrite the fed-back state
         raise ConfigError("latent decoding does not take classifier-free guidance")
     forced = [[head.latent_id] * n + [head.end_id] for n in steps]
-    outputs = Generator(model).generate([[*p, head.begin_id] for p in prompts], config, forced=forced)
+    generator = generator if generator is not None else Generator(model)
+    outputs = generator.generate([[*p, head.begin_id] for p in prompts], config, forced=forced)
     return [LatentOutput(o.ids, o.finish_reason, o.prompt_tokens, n) for o, n in zip(outputs, steps, strict=True)]

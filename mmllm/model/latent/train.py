@@ -1,0 +1,202 @@
+"""`mmllm latent-train`: a reasoning method trained on the toy puzzles; Coconut's curriculum stage by stage.
+
+    mmllm latent-train --config configs/finetune/toy_coconut.yaml [KEY=VALUE ...]
+    mmllm eval --model runs/latent/coconut/model --tasks toy-prosqa,toy-arith,toy-visual-count \\
+        --latent coconut:steps=6
+
+A config (`LatentTrainConfig`) names the method (`coconut`, or a baseline: `cot`, `no-cot`,
+`pause`), the toy puzzles it trains on (`puzzles`) and `run`, the finetuning YAML of every stage
+(the keys of configs/finetune/toy_full.yaml; `mmllm.training.finetune`). The driver writes the
+puzzles of the train split once (OUT/world), then for each stage k:
+
+1. writes them in stage k's format as pretokenized shards (OUT/stage-k/shards, `write_puzzle_shards`);
+2. runs a finetune on them into OUT/stage-k, from `run.finetune.base_model` at the first stage and
+   from the previous stage's model after it: a fresh optimizer and schedule per stage, as Coconut
+   resets its optimizer between stages. `ranks: 1` runs it in this process (as `python
+   train/finetune.py` does); more ranks go through the DeepSpeed launcher, as the demo's stages;
+3. merges a LoRA stage's adapter into OUT/stage-k/model (the head comes along), so every stage
+   leaves a self-contained checkpoint for the next.
+
+Coconut runs stages `first_stage` .. `curriculum.final_stage` (curriculum.py): stage 0 is chain of
+thought behind an empty latent span, stage k replaces the first k steps by k x c_thought thoughts,
+the last replaces them all. A baseline is one stage. Each stage's dir is rewritten when it runs.
+The last stage's model is copied to OUT/model; OUT/summary.json records every stage's first and
+last loss and the `mmllm eval --latent` mode the model answers in.
+
+The keys the driver sets for every stage (`out`, `steps`, `data.sources`) are refused in `run`;
+`finetune.base_model` is the first stage's start, and stage k's seed is `run.seed` + k, so each
+stage draws its own order of the same puzzles. Each stage's YAML is checked whole (base model,
+data, head) before it runs, and kept as OUT/stage-k/finetune.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmllm.config import from_dict, load_config
+from mmllm.data.interleaved import read_jsonl
+from mmllm.errors import ConfigError
+from mmllm.model.latent.base import DEFAULT_MAX_LATENT_STEPS
+from mmllm.model.latent.curriculum import CoconutCurriculum
+from mmllm.model.latent.formats import Kind, PuzzleFormat, write_puzzle_shards
+
+logger = logging.getLogger(__name__)
+
+REASONING_TASKS = ("toy-prosqa", "toy-arith", "toy-visual-count")  # the toy world's puzzles (TOYWORLD.md)
+DRIVER_KEYS = ("out", "steps", "data.sources")  # set by the driver for every stage
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class PuzzleSource:
+    tasks: tuple[str, ...] = REASONING_TASKS
+    items: int = 1000  # train-split puzzles per task, the same puzzles at every stage
+    seed: int = 0  # the toy world's seed (its test split, which eval reads, is another stream)
+
+
+@dataclass
+class LatentTrainConfig:
+    method: Kind = "coconut"  # the answer's format: coconut, or a baseline (cot, no-cot, pause)
+    pause: int = 0  # pause: filler tokens before the answer
+    curriculum: CoconutCurriculum = field(default_factory=CoconutCurriculum)
+    first_stage: int = 0  # coconut: where the curriculum starts (a later stage continues one)
+    steps: int = 100  # optimizer steps of every stage (of the one stage of a baseline)
+    puzzles: PuzzleSource = field(default_factory=PuzzleSource)
+    out: str = "runs/latent"
+    ranks: int = 1  # 1: each stage in this process; more: through the DeepSpeed launcher
+    deepspeed: str = ""  # every stage's DeepSpeed JSON ("": ZeRO-0)
+    run: dict[str, Any] = field(default_factory=dict)  # every stage's finetuning YAML, less DRIVER_KEYS
+
+    def check(self) -> None:
+        from mmllm.training.finetune import FinetuneRunConfig
+
+        for name in ("steps", "ranks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"latent-train config: {name} must be at least 1, got {getattr(self, name)}")
+        if self.puzzles.items < 1:
+            raise ConfigError(f"latent-train config: puzzles.items must be at least 1, got {self.puzzles.items}")
+        if not self.puzzles.tasks or any(t not in REASONING_TASKS for t in self.puzzles.tasks):
+            raise ConfigError(f"latent-train config: puzzles.tasks: name toy puzzles ({', '.join(REASONING_TASKS)})")
+        if self.method == "pause" and self.pause < 1:
+            raise ConfigError("latent-train config: method pause needs pause >= 1 filler tokens")
+        if self.method == "coconut" and not 0 <= self.first_stage <= self.curriculum.final_stage:
+            raise ConfigError(
+                f"latent-train config: first_stage must be in 0..{self.curriculum.final_stage}, got {self.first_stage}"
+            )
+        for key in DRIVER_KEYS:
+            if _lookup(self.run, key) is not None:
+                raise ConfigError(f"latent-train config: remove run.{key}; the driver sets it for every stage")
+        if not _lookup(self.run, "finetune.base_model"):
+            raise ConfigError("latent-train config: set run.finetune.base_model, the first stage's checkpoint")
+        settings = from_dict(FinetuneRunConfig, self.run, "latent-train config: run").finetune  # keys and types
+        head = settings.latent_head
+        if self.method == "coconut" and head.get("kind") != "coconut":
+            raise ConfigError("latent-train config: method coconut needs run.finetune.latent_head: {kind: coconut}")
+        if self.method != "coconut" and head:
+            raise ConfigError(f"latent-train config: method {self.method} has no head; remove run.finetune.latent_head")
+        thoughts = self.curriculum.max_latent_stage * self.curriculum.c_thought
+        most = head.get("max_latent_steps", DEFAULT_MAX_LATENT_STEPS)
+        if self.method == "coconut" and isinstance(most, int) and thoughts > most:
+            raise ConfigError(
+                f"latent-train config: the curriculum reaches {thoughts} thoughts (max_latent_stage x c_thought), "
+                f"more than run.finetune.latent_head.max_latent_steps {most}"
+            )
+
+    def stages(self) -> list[int]:
+        return list(range(self.first_stage, self.curriculum.final_stage + 1)) if self.method == "coconut" else [0]
+
+    def format(self, stage: int) -> PuzzleFormat:
+        return PuzzleFormat(self.method, stage=stage, pause=self.pause, curriculum=self.curriculum)
+
+    def eval_mode(self) -> str:
+        """The `mmllm eval --latent` mode the trained model answers in."""
+        if self.method == "coconut":
+            return f"coconut:steps={self.curriculum.inference_steps(self.stages()[-1])}"
+        return f"pause:k={self.pause}" if self.method == "pause" else self.method
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def load_latent_train_config(path: str | Path, overrides=()) -> LatentTrainConfig:
+    config = load_config(LatentTrainConfig, path, overrides)
+    config.check()
+    return config
+
+
+def train_latent(config: LatentTrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Every stage of `config`, each from the one before; returns (and writes) OUT/summary.json."""
+    from mmllm.data.toy_tasks import write_toyworld
+
+    out = Path(config.out)
+    world = write_toyworld(out / "world", config.puzzles.items, config.puzzles.seed, config.puzzles.tasks)
+    records = list(read_jsonl(world["path"]))  # read once, written in every stage's format
+    base = Path(config.run["finetune"]["base_model"])
+    bundle = base  # every stage keeps the base model's layout and tokenizers
+    stages = []
+    for stage in config.stages():
+        began = time.perf_counter()
+        stage_dir = out / f"stage-{stage}"
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        fmt = config.format(stage)
+        logger.info("stage %d (%s): finetuning from %s into %s", stage, fmt.kind, base, stage_dir)
+        write_puzzle_shards(records, bundle, stage_dir / "shards", fmt, root=out / "world")
+        history = _run_stage(config, stage, base, stage_dir, progress)
+        losses = [record["loss"] for record in history if "loss" in record]
+        stages.append(
+            {
+                "stage": stage,
+                "format": fmt.kind,
+                "thoughts": config.curriculum.inference_steps(stage) if fmt.kind == "coconut" else 0,
+                "steps": config.steps,
+                "first_loss": losses[0],
+                "last_loss": losses[-1],
+                "seconds": round(time.perf_counter() - began, 1),
+                "model": str(stage_dir / "model"),
+            }
+        )
+        base = stage_dir / "model"
+    shutil.rmtree(out / "model", ignore_errors=True)
+    shutil.copytree(base, out / "model")
+    summary = {"method": config.method, "model": str(out / "model"), "eval": config.eval_mode(), "stages": stages}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _run_stage(config: LatentTrainConfig, stage: int, base: Path, stage_dir: Path, progress: bool) -> list[dict]:
+    """One finetune of stage `stage` from `base` into `stage_dir` (a merged model in stage_dir/model)."""
+    from mmllm.training.finetune import ADAPTER_DIR, finetune, load_finetune_config, merge_lora
+    from mmllm.training.launch import launch_ranks
+    from mmllm.training.loop import LOG_FILE
+
+    run = copy.deepcopy(config.run)
+    run["finetune"]["base_model"] = str(base)
+    run["out"] = str(stage_dir)
+    run["steps"] = config.steps
+    run["seed"] = run.get("seed", 0) + stage
+    run.setdefault("data", {})["sources"] = [{"path": str(stage_dir / "shards")}]
+    path = stage_dir / "finetune.yaml"
+    path.write_text(yaml.safe_dump(run, sort_keys=False), encoding="utf-8")
+    settings = load_finetune_config(path)  # refused here, before any rank starts
+    if config.ranks == 1:
+        finetune(settings, config.deepspeed or None, progress=progress)
+    else:
+        deepspeed = ["--deepspeed", config.deepspeed] if config.deepspeed else []
+        launch_ranks(["finetune", "--config", str(path), *deepspeed], config.ranks, stage_dir / "finetune.log")
+    if settings.finetune.method != "full":
+        merge_lora(base, stage_dir / ADAPTER_DIR, stage_dir / "model")
+    return [json.loads(line) for line in (stage_dir / LOG_FILE).read_text().splitlines()]
