@@ -299,6 +299,7 @@ def bench_reducers(
 
     baseline = contenders[0].label
     image_tokens = _visual_per_item(model, batches)
+    tokens_in = statistics.fmean(counts[0] for counts in contenders[0].census)
     rows = []
     for c in contenders:
         row: dict[str, Any] = {"label": c.label, "spec": c.spec, "method": c.method, "ratio": c.ratio, "layer": c.layer}
@@ -309,7 +310,6 @@ def bench_reducers(
             continue
         accuracy = statistics.fmean(scores[c.label])
         flops = statistics.fmean(prefill_flops(model, counts) for counts in c.census)
-        tokens_in = statistics.fmean(counts[0] for counts in contenders[0].census)
         tokens_last = statistics.fmean(counts[-1] for counts in c.census)
         row.update(
             accuracy=accuracy,
