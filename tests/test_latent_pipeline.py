@@ -230,7 +230,7 @@ def test_finetune_refuses_a_latent_head_it_cannot_train(base, tmp_path):
     for overrides, message in (
         (["objectives=[coconut]"], "objective coconut trains a latent head; set finetune.latent_head"),
         ([head], "latent_head coconut trains through objective coconut"),
-        (["finetune.latent_head={kind: colar}", "objectives=[coconut]"], "unknown latent head 'colar'"),
+        (["finetune.latent_head={kind: quiet-star}", "objectives=[coconut]"], "unknown latent head 'quiet-star'"),
         (["finetune.latent_head={kind: coconut, projection: big}", "objectives=[coconut]"], "projection must be"),
         ([head, "objectives=[coconut]", "finetune.reducer=registers"], "latent_head and finetune.reducer"),
     ):

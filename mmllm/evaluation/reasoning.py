@@ -17,6 +17,7 @@ of the latent-reasoning table; it must match how the model was trained (`mmllm l
     pause:k=K        K pause tokens after the prompt, as the pause baseline trained (`prompt_suffix`)
     coconut:steps=N  N continuous thoughts, then the answer (`latent_generate`), through the latent head
                      attached to the model or saved in its checkpoint dir
+    colar:steps=N,c=K  N compressed latents at compression factor K (`colar_generate`), through a colar head
 
 Generated tokens are counted as the papers count them: each reply token, each continuous thought
 (Coconut counts a thought as a token) and each pause token (a position and a forward, as a
@@ -42,9 +43,11 @@ from mmllm.evaluation.tasks import EvalItem, ReplyPart, Task, register_task, rep
 from mmllm.evaluation.toy import CHANCE_POOL, ToyTask
 from mmllm.generation import GenerationConfig, GenerationOutput, Generator
 from mmllm.model.latent import (
+    ColarHead,
     PuzzleFormat,
     attach_latent_head,
     build_head,
+    colar_generate,
     find_latent_head,
     latent_generate,
     load_latent_head,
@@ -123,20 +126,29 @@ for _task in (ProsQATask(), ArithmeticTask(), VisualCountTask()):
 
 @dataclass(frozen=True)
 class ReasoningMode:
-    kind: str = "cot"  # cot, no-cot, pause, coconut
-    count: int = 0  # pause: filler tokens; coconut: latent steps
+    kind: str = "cot"  # cot, no-cot, pause, coconut, colar
+    count: int = 0  # pause: filler tokens; coconut, colar: latent steps
+    compression: int = 0  # colar: the compression factor c
 
     @property
     def label(self) -> str:
-        """The mode as `--latent` spells it: 'coconut:steps=6', 'pause:k=6', 'cot'."""
+        """The mode as `--latent` spells it: 'coconut:steps=6', 'colar:steps=3,c=2', 'pause:k=6', 'cot'."""
+        if self.kind == "colar":
+            return f"colar:steps={self.count},c={self.compression}"
         return f"{self.kind}:{MODE_KNOBS[self.kind]}={self.count}" if self.kind in MODE_KNOBS else self.kind
 
 
 def parse_mode(spec: str) -> ReasoningMode:
-    """`cot`, `no-cot` (`nocot`), `pause:k=K` or `coconut:steps=N` -> ReasoningMode; one-line errors."""
+    """`cot`, `no-cot` (`nocot`), `pause:k=K`, `coconut:steps=N` or `colar:steps=N,c=K` -> ReasoningMode;
+    one-line errors."""
     name, _, knob = spec.strip().partition(":")
     kind = ALIASES.get(name, name)
-    usage = "cot, no-cot, pause:k=K or coconut:steps=N"
+    usage = "cot, no-cot, pause:k=K, coconut:steps=N or colar:steps=N,c=K"
+    if kind == "colar":
+        found = re.fullmatch(r"steps=(\d+),c=(\d+)", knob)
+        if found is None or int(found[2]) < 1:
+            raise InputError(f"--latent {spec!r}: expected colar:steps=N,c=K, counts with K >= 1")
+        return ReasoningMode(kind, int(found[1]), int(found[2]))
     if kind not in ("cot", "no-cot", *MODE_KNOBS):
         raise InputError(f"--latent {spec!r}: unknown reasoning mode (modes: {usage})")
     if kind not in MODE_KNOBS:
@@ -160,7 +172,7 @@ def check_mode(model, tasks: Sequence[Task], mode: ReasoningMode) -> None:
         raise InputError(f"--latent {mode.label}: {others[0]} is no reasoning task ({puzzles})")
     if mode.kind == "pause":
         prompt_suffix(PuzzleFormat("pause", pause=mode.count), model.layout)
-    if mode.kind == "coconut":
+    if mode.kind in ("coconut", "colar"):
         head = find_latent_head(model)
         if head is None:
             try:
@@ -168,6 +180,10 @@ def check_mode(model, tasks: Sequence[Task], mode: ReasoningMode) -> None:
             except CheckpointError as err:
                 raise CheckpointError(f"--latent {mode.label} needs the model's latent head: {err}") from None
         head.check_steps([mode.count])
+        if mode.kind == "colar":
+            if not isinstance(head, ColarHead):
+                raise InputError(f"--latent {mode.label} needs a colar latent head, the model has a {head.name} head")
+            head.use(mode.compression)
 
 
 def with_fresh_head(twin, model) -> None:
@@ -187,6 +203,9 @@ def reason(
     """The replies to `prompts` in `mode` (None: plain decoding), and the tokens each answer cost."""
     if mode is not None and mode.kind == "coconut":
         outputs = latent_generate(model, prompts, mode.count, config, generator)
+        return list(outputs), [o.generated_tokens for o in outputs]
+    if mode is not None and mode.kind == "colar":
+        outputs = colar_generate(model, prompts, mode.count, mode.compression, config, generator)
         return list(outputs), [o.generated_tokens for o in outputs]
     fed = prompt_suffix(PuzzleFormat("pause", pause=mode.count), model.layout) if mode and mode.kind == "pause" else []
     outputs = generator.generate([[*p, *fed] for p in prompts], config)

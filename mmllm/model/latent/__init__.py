@@ -1,4 +1,5 @@
 """Latent-reasoning heads at the backbone's hook points: continuous thought (Coconut), its curriculum,
+compressed latents (CoLaR),
 the baselines' data formats, and batched KV-cached latent decoding. See base.py for the contract;
 train.py drives a curriculum through the finetuning loop (`mmllm latent-train`)."""
 
@@ -14,6 +15,7 @@ from mmllm.model.latent.base import (
     read_latent_head,
 )
 from mmllm.model.latent.coconut import CoconutHead
+from mmllm.model.latent.colar import ColarHead, colar_generate
 from mmllm.model.latent.curriculum import CoconutCurriculum, LatentHeadHooks
 from mmllm.model.latent.formats import PuzzleFormat, encode_puzzle, prompt_suffix, write_puzzle_shards
 from mmllm.model.latent.generate import LatentOutput, latent_generate
@@ -23,12 +25,14 @@ __all__ = [
     "LATENT_HEAD_FILE",
     "CoconutCurriculum",
     "CoconutHead",
+    "ColarHead",
     "LatentHead",
     "LatentHeadHooks",
     "LatentOutput",
     "PuzzleFormat",
     "attach_latent_head",
     "build_head",
+    "colar_generate",
     "encode_puzzle",
     "find_latent_head",
     "latent_forward",

@@ -104,7 +104,7 @@ def register_head(cls: type[LatentHead]) -> type[LatentHead]:
 
 def registry() -> dict[str, type[LatentHead]]:
     """Every registered head, the built-in ones included."""
-    from mmllm.model.latent import coconut  # noqa: F401  (registers the built-in heads)
+    from mmllm.model.latent import coconut, colar  # noqa: F401  (registers the built-in heads)
 
     return HEADS
 

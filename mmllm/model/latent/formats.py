@@ -8,6 +8,8 @@ question (the user turn, images included), its chain-of-thought steps and its an
     cot       step 1 \\n ... step n \\n "answer: X"              (plain chain of thought)
     pause     <|pause_0|> <|pause_1|> ... x `pause`, "answer: X"  (Goyal et al. 2024, pause tokens)
     coconut   <|bolt|> <|latent|> x m <|eolt|> steps k+1.. n, "answer: X"  (stage k of the curriculum)
+    colar     <|bolt|> step 1 \\n ... step n \\n <|eolt|> "answer: X"   (CoLaR: the `colar` objective
+              compresses the span's tokens into ceil(len/c) latent slots, c drawn per batch)
 
 The loss falls on the text and the `<|end_of_turn|>` only: pause tokens, latent spans and their
 delimiters are inputs, which inference feeds too (`prompt_suffix`; `latent_generate` for the span).
@@ -34,8 +36,8 @@ from mmllm.errors import ConfigError, InputError
 from mmllm.model.latent.curriculum import CoconutCurriculum
 from mmllm.vocab import END_OF_TURN, LATENT_TOKEN, VocabLayout
 
-Kind = Literal["no-cot", "cot", "pause", "coconut"]
-KINDS = ("no-cot", "cot", "pause", "coconut")
+Kind = Literal["no-cot", "cot", "pause", "coconut", "colar"]
+KINDS = ("no-cot", "cot", "pause", "coconut", "colar")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ def reply_ids(meta: dict[str, Any], fmt: PuzzleFormat, layout: VocabLayout, text
         skipped, thoughts = fmt.curriculum.split(fmt.stage, len(steps))
         steps = steps[skipped:]
         fed = [layout.begin_id("latent"), *[layout.token_id(LATENT_TOKEN)] * thoughts, layout.end_id("latent")]
+    elif fmt.kind == "colar":
+        cot = encode_text("".join(f"{step}\n" for step in steps), text_tokenizer) if steps else []
+        fed = [layout.begin_id("latent"), *cot, layout.end_id("latent")]
+        steps = []
     text = encode_text(Puzzle("", steps, answer, {}).solution, text_tokenizer)
     return [*fed, *text, layout.token_id(END_OF_TURN)], len(fed)
 
