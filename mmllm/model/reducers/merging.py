@@ -139,42 +139,63 @@ class ToMe(_MergingReducer):
         keep = torch.ones_like(visual)
         # one key projection for the whole batch: spans never overlap, so each span's keys are those of its tokens
         keys = head_mean_keys(self.backbone(), layer, state.hidden) if self.by == "key" else None
+        # images of the same length and size merge the same number of tokens: one batched matching each
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for row, start, end in visual_spans(visual):
-            span = slice(start, end)
-            image = hidden[row, span].float()
-            metric = keys[row, span] if keys is not None else image
-            target = self.span_target(round(float(sizes[row, span].sum())), layer)
-            merged, sizes[row, span], gone = bipartite_merge(image, metric, sizes[row, span], end - start - target)
-            hidden[row, span] = merged.to(hidden.dtype)
-            keep[row, start + gone] = False
+            target = self.span_target(round(float(sizes[row, start:end].sum())), layer)
+            groups.setdefault((end - start, end - start - target), []).append((row, start))
+        for (length, excess), spans in groups.items():
+            rows = torch.tensor([row for row, _ in spans], device=visual.device)[:, None]
+            slots = torch.tensor([start for _, start in spans], device=visual.device)[:, None] + torch.arange(
+                length, device=visual.device
+            )
+            images = hidden[rows, slots].float()
+            metric = keys[rows, slots] if keys is not None else images
+            merged, sizes[rows, slots], gone = bipartite_merge(images, metric, sizes[rows, slots], excess)
+            hidden[rows, slots] = merged.to(hidden.dtype)
+            keep[rows, slots] = ~gone
         key_bias = sizes.log() if state.key_bias is not None or bool((sizes > 1).any()) else None
         return self.finish(state, layer, keep, visual, hidden=hidden, key_bias=key_bias)
 
 
 def bipartite_merge(hidden: Tensor, metric: Tensor, sizes: Tensor, excess: int) -> tuple[Tensor, Tensor, Tensor]:
-    """ToMe's bipartite soft matching on one image's (n, C) fp32 `hidden`, (n, D) `metric` and (n,)
-    `sizes`, until `excess` tokens are gone: the merged hidden states and sizes (n,), and the
-    (local) indices of the tokens that went. Each round alternates the remaining tokens into A and
-    B, matches each A to its most cosine-similar B, and merges the most similar A tokens into their
-    matches as size-weighted means (of the metric too, for the next round)."""
+    """ToMe's bipartite soft matching on N images at once: (N, n, C) fp32 `hidden`, (N, n, D)
+    `metric` and (N, n) `sizes`, until `excess` tokens of each are gone. Returns the merged hidden
+    states and sizes, and the (N, n) mask of the tokens that went. Each round alternates every
+    image's remaining tokens into A and B, matches each A to its most cosine-similar B, and merges
+    the most similar A tokens into their matches as size-weighted means (of the metric too, for
+    the next round)."""
     hidden, metric, sizes = hidden.clone(), metric.clone(), sizes.clone()
-    alive = torch.arange(hidden.shape[0], device=hidden.device)
-    while excess > 0 and alive.numel() > 1:
-        side_a, side_b = alive[0::2], alive[1::2]
+    count, n = sizes.shape
+    alive = torch.arange(n, device=hidden.device).expand(count, n)
+    while excess > 0 and alive.shape[1] > 1:
+        side_a, side_b = alive[:, 0::2], alive[:, 1::2]
         unit = F.normalize(metric, dim=-1)
-        best, match = (unit[side_a] @ unit[side_b].T).max(dim=-1)
-        chosen = best.argsort(descending=True, stable=True)[: min(excess, side_a.numel())]
-        source, destination = side_a[chosen], side_b[match[chosen]]
-        totals = sizes.clone().index_add_(0, destination, sizes[source])
+        best, match = (_take(unit, side_a) @ _take(unit, side_b).transpose(1, 2)).max(dim=-1)
+        chosen = best.argsort(dim=1, descending=True, stable=True)[:, : min(excess, side_a.shape[1])]
+        source, destination = side_a.gather(1, chosen), side_b.gather(1, match.gather(1, chosen))
+        totals = sizes.scatter_add(1, destination, sizes.gather(1, source))
         for values in (hidden, metric):
-            weighted = (values * sizes[:, None]).index_add_(0, destination, values[source] * sizes[source, None])
-            values[destination] = weighted[destination] / totals[destination, None]
+            weighted = (values * sizes[..., None]).scatter_add(
+                1, _expand(destination, values), _take(values, source) * sizes.gather(1, source)[..., None]
+            )
+            merged = weighted.gather(1, _expand(destination, values)) / totals.gather(1, destination)[..., None]
+            values.scatter_(1, _expand(destination, values), merged)
         sizes = totals
-        alive = alive[~torch.isin(alive, source)]
-        excess -= source.numel()
-    gone = torch.ones_like(sizes, dtype=torch.bool)
-    gone[alive] = False
-    return hidden, sizes, gone.nonzero()[:, 0]
+        went = torch.zeros_like(sizes, dtype=torch.bool).scatter_(1, source, True)
+        alive = alive[~went.gather(1, alive)].view(count, -1)
+        excess -= source.shape[1]
+    gone = torch.ones_like(sizes, dtype=torch.bool).scatter_(1, alive, False)
+    return hidden, sizes, gone
+
+
+def _expand(index: Tensor, values: Tensor) -> Tensor:
+    return index[..., None].expand(-1, -1, values.shape[-1])
+
+
+def _take(values: Tensor, index: Tensor) -> Tensor:
+    """(N, k, C): the rows `index` (N, k) of each of the N (n, C) blocks of `values`."""
+    return values.gather(1, _expand(index, values))
 
 
 @register_reducer
