@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--latent",
         metavar="MODE",
-        help="how the reasoning puzzles are answered: cot (default), no-cot, pause:k=K, or coconut:steps=N "
-        "(through the latent head of the model's dir)",
+        help="how the reasoning puzzles are answered: cot (default), no-cot, pause:k=K, coconut:steps=N or "
+        "colar:steps=N,c=K (the last two through the latent head of the model's dir)",
     )
     evaluate.add_argument(
         "--compare",

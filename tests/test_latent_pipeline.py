@@ -259,7 +259,7 @@ def test_latent_train_refuses_an_inconsistent_config(base, tmp_path):
 
 def test_the_shipped_configs_train_one_method_each_on_the_same_budget(base):
     modes, steps = {}, {}
-    for name in ("toy_coconut", "toy_cot", "toy_nocot", "toy_pause"):
+    for name in ("toy_coconut", "toy_colar", "toy_cot", "toy_nocot", "toy_pause"):
         config = load_latent_train_config(
             REPO / "configs" / "finetune" / f"{name}.yaml", [f"run.finetune.base_model={base}"]
         )
@@ -267,8 +267,78 @@ def test_the_shipped_configs_train_one_method_each_on_the_same_budget(base):
         assert config.puzzles.tasks == PUZZLES
     assert modes == {
         "toy_coconut": "coconut:steps=6",
+        "toy_colar": "colar:steps=88,c=5",
         "toy_cot": "cot",
         "toy_nocot": "no-cot",
         "toy_pause": "pause:k=6",
     }
     assert len(set(steps.values())) == 1  # every baseline trains as many steps as the whole curriculum
+
+
+# ---------------------------------------------------------------- CoLaR
+
+
+def colar_yaml(path: Path, base: Path, **overrides) -> Path:
+    """A tiny CoLaR run: toy-arith's chains of thought (41-53 tokens) compressed 2-fold, 2 steps."""
+    config = {
+        "method": "colar",
+        "steps": 2,
+        "puzzles": {"tasks": ["toy-arith"], "items": 3},
+        "out": str(path.parent / "out"),
+        "ranks": 1,
+        "run": {
+            "finetune": {
+                "base_model": str(base),
+                "method": "full",
+                "latent_head": {"kind": "colar", "compression_factors": [2], "max_latent_steps": 32},
+            },
+            "objectives": ["colar"],
+            "data": {"packing": {"seq_len": 512, "condition_dropout": 0.0}},
+            "optim": {"lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.0},
+            "micro_batch_size": 2,
+            "log_every": 1,
+            "threads": 1,
+        },
+    }
+    return write_yaml(path, config, overrides)
+
+
+def test_a_tiny_colar_run_trains_the_head_and_eval_decodes_through_it(base, one_rank, tmp_path):
+    from mmllm.model.latent import ColarHead, colar_generate
+
+    summary = train_latent(load_latent_train_config(colar_yaml(tmp_path / "c.yaml", base)), progress=False)
+    out = tmp_path / "out"
+    steps = int(summary["eval"].removeprefix("colar:steps=").removesuffix(",c=2"))
+    assert summary["method"] == "colar" and 21 <= steps <= 27  # ceil(41..53 / 2): the longest trace's slots
+    log = [json.loads(line) for line in (out / "stage-0" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss/latent"]) for r in log if "loss" in r)
+    model = MMLLM.from_pretrained(out / "model")
+    head = load_latent_head(model)
+    assert isinstance(head, ColarHead)
+    assert head.options() == {"max_latent_steps": 32, "compression_factors": [2], "latent_loss": "nll"}
+    results_path = tmp_path / "eval" / "results.json"
+    argv = ["--quiet", "eval", "--model", str(out / "model"), "--tasks", "toy-prosqa", "--limit", "2"]
+    argv += ["--no-untrained", "--latent", "colar:steps=2,c=2", "--out", str(results_path)]  # no reference row: fast
+    assert main(argv) == 0
+    entry = json.loads(results_path.read_text())["tasks"]["toy-prosqa"]
+    assert entry["mode"] == "colar:steps=2,c=2" and entry["metrics"]["accuracy"] is not None
+    config = GenerationConfig(max_new_tokens=get_task("toy-prosqa").max_new_tokens, stop_after_span=True)
+    outputs = colar_generate(model, item_prompts(model, "toy-prosqa", 2), 2, 2, config)
+    assert [s["scores"]["generated_tokens"] for s in entry["samples"]] == [2 + len(o.ids) for o in outputs]
+
+
+def test_latent_train_refuses_an_inconsistent_colar_config(base, tmp_path):
+    path = colar_yaml(tmp_path / "c.yaml", base)
+    for overrides, message in (
+        (["run.finetune.latent_head={kind: coconut}"], "method colar needs run.finetune.latent_head: {kind: colar}"),
+        (["compression=3"], "compression 3 is not among the head's compression_factors \\[2\\]"),
+        (["latent_steps=33"], "latent_steps must be in 0..32"),
+    ):
+        with pytest.raises(ConfigError, match=message) as error:
+            load_latent_train_config(path, overrides)
+        one_line(error)
+    config = load_latent_train_config(path, ["run.finetune.latent_head.max_latent_steps=8"])
+    with pytest.raises(ConfigError, match="longest training trace takes .* latent slots at compression 2") as error:
+        train_latent(config, progress=False)  # before any step runs
+    one_line(error)
+    assert not (tmp_path / "out" / "stage-0").exists()

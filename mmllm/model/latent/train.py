@@ -4,7 +4,7 @@
     mmllm eval --model runs/latent/coconut/model --tasks toy-prosqa,toy-arith,toy-visual-count \\
         --latent coconut:steps=6
 
-A config (`LatentTrainConfig`) names the method (`coconut`, or a baseline: `cot`, `no-cot`,
+A config (`LatentTrainConfig`) names the method (`coconut`, `colar`, or a baseline: `cot`, `no-cot`,
 `pause`), the toy puzzles it trains on (`puzzles`) and `run`, the finetuning YAML of every stage
 (the keys of configs/finetune/toy_full.yaml; `mmllm.training.finetune`). The driver writes the
 puzzles of the train split once (OUT/world), then for each stage k:
@@ -19,9 +19,11 @@ puzzles of the train split once (OUT/world), then for each stage k:
 
 Coconut runs stages `first_stage` .. `curriculum.final_stage` (curriculum.py): stage 0 is chain of
 thought behind an empty latent span, stage k replaces the first k steps by k x c_thought thoughts,
-the last replaces them all. A baseline is one stage. Each stage's dir is rewritten when it runs.
+the last replaces them all. CoLaR (`colar`) is one stage: chain of thought inside a latent span, which the
+`colar` objective compresses c-fold (colar.py). A baseline is one stage. Each stage's dir is rewritten when it runs.
 The last stage's model is copied to OUT/model; OUT/summary.json records every stage's first and
-last loss and the `mmllm eval --latent` mode the model answers in.
+last loss and the `mmllm eval --latent` mode the model answers in (colar: `compression`, default the
+head's largest factor, and `latent_steps`, default the longest training trace's slots at that factor).
 
 The keys the driver sets for every stage (`out`, `steps`, `data.sources`) are refused in `run`;
 `finetune.base_model` is the first stage's start, and stage k's seed is `run.seed` + k, so each
@@ -46,12 +48,14 @@ from mmllm.config import from_dict, load_config
 from mmllm.data.interleaved import read_jsonl
 from mmllm.errors import ConfigError
 from mmllm.model.latent.base import DEFAULT_MAX_LATENT_STEPS
+from mmllm.model.latent.colar import DEFAULT_FACTORS
 from mmllm.model.latent.curriculum import CoconutCurriculum
-from mmllm.model.latent.formats import Kind, PuzzleFormat, write_puzzle_shards
+from mmllm.model.latent.formats import Kind, PuzzleFormat, reply_ids, write_puzzle_shards
 
 logger = logging.getLogger(__name__)
 
 REASONING_TASKS = ("toy-prosqa", "toy-arith", "toy-visual-count")  # the toy world's puzzles (TOYWORLD.md)
+HEADED = ("coconut", "colar")  # the methods that train a latent head of their name
 DRIVER_KEYS = ("out", "steps", "data.sources")  # set by the driver for every stage
 SUMMARY_FILE = "summary.json"
 
@@ -65,8 +69,10 @@ class PuzzleSource:
 
 @dataclass
 class LatentTrainConfig:
-    method: Kind = "coconut"  # the answer's format: coconut, or a baseline (cot, no-cot, pause)
+    method: Kind = "coconut"  # the answer's format: coconut, colar, or a baseline (cot, no-cot, pause)
     pause: int = 0  # pause: filler tokens before the answer
+    compression: int = 0  # colar: the eval's compression factor c (0: the head's largest)
+    latent_steps: int = 0  # colar: the eval's latent steps (0: the longest training trace's slots at c)
     curriculum: CoconutCurriculum = field(default_factory=CoconutCurriculum)
     first_stage: int = 0  # coconut: where the curriculum starts (a later stage continues one)
     steps: int = 100  # optimizer steps of every stage (of the one stage of a baseline)
@@ -99,9 +105,11 @@ class LatentTrainConfig:
             raise ConfigError("latent-train config: set run.finetune.base_model, the first stage's checkpoint")
         settings = from_dict(FinetuneRunConfig, self.run, "latent-train config: run").finetune  # keys and types
         head = settings.latent_head
-        if self.method == "coconut" and head.get("kind") != "coconut":
-            raise ConfigError("latent-train config: method coconut needs run.finetune.latent_head: {kind: coconut}")
-        if self.method != "coconut" and head:
+        if self.method in HEADED and head.get("kind") != self.method:
+            raise ConfigError(
+                f"latent-train config: method {self.method} needs run.finetune.latent_head: {{kind: {self.method}}}"
+            )
+        if self.method not in HEADED and head:
             raise ConfigError(f"latent-train config: method {self.method} has no head; remove run.finetune.latent_head")
         thoughts = self.curriculum.max_latent_stage * self.curriculum.c_thought
         most = head.get("max_latent_steps", DEFAULT_MAX_LATENT_STEPS)
@@ -110,6 +118,26 @@ class LatentTrainConfig:
                 f"latent-train config: the curriculum reaches {thoughts} thoughts (max_latent_stage x c_thought), "
                 f"more than run.finetune.latent_head.max_latent_steps {most}"
             )
+        if self.method == "colar":
+            self._check_colar(head)
+
+    def _check_colar(self, head: dict[str, Any]) -> None:
+        factors = head.get("compression_factors", DEFAULT_FACTORS)
+        if self.compression and self.compression not in factors:
+            raise ConfigError(
+                f"latent-train config: compression {self.compression} is not among the head's compression_factors "
+                f"{list(factors)}"
+            )
+        most = head.get("max_latent_steps", DEFAULT_MAX_LATENT_STEPS)
+        if not 0 <= self.latent_steps <= most:
+            raise ConfigError(
+                f"latent-train config: latent_steps must be in 0..{most} (run.finetune.latent_head.max_latent_steps), "
+                f"got {self.latent_steps}"
+            )
+
+    def colar_factors(self) -> list[int]:
+        """colar: the compression factors the head trains with."""
+        return sorted(_lookup(self.run, "finetune.latent_head.compression_factors") or DEFAULT_FACTORS)
 
     def stages(self) -> list[int]:
         return list(range(self.first_stage, self.curriculum.final_stage + 1)) if self.method == "coconut" else [0]
@@ -117,10 +145,14 @@ class LatentTrainConfig:
     def format(self, stage: int) -> PuzzleFormat:
         return PuzzleFormat(self.method, stage=stage, pause=self.pause, curriculum=self.curriculum)
 
-    def eval_mode(self) -> str:
-        """The `mmllm eval --latent` mode the trained model answers in."""
+    def eval_mode(self, longest_trace: int = 0) -> str:
+        """The `mmllm eval --latent` mode the trained model answers in; colar's default steps cover
+        `longest_trace` chain-of-thought tokens at its compression factor."""
         if self.method == "coconut":
             return f"coconut:steps={self.curriculum.inference_steps(self.stages()[-1])}"
+        if self.method == "colar":
+            compression = self.compression or self.colar_factors()[-1]
+            return f"colar:steps={self.latent_steps or max(1, -(-longest_trace // compression))},c={compression}"
         return f"pause:k={self.pause}" if self.method == "pause" else self.method
 
 
@@ -147,6 +179,7 @@ def train_latent(config: LatentTrainConfig, progress: bool = True) -> dict[str, 
     records = list(read_jsonl(world["path"]))  # read once, written in every stage's format
     base = Path(config.run["finetune"]["base_model"])
     bundle = base  # every stage keeps the base model's layout and tokenizers
+    longest = _longest_trace(config, records, bundle) if config.method == "colar" else 0
     stages = []
     for stage in config.stages():
         began = time.perf_counter()
@@ -172,9 +205,33 @@ def train_latent(config: LatentTrainConfig, progress: bool = True) -> dict[str, 
         base = stage_dir / "model"
     shutil.rmtree(out / "model", ignore_errors=True)
     shutil.copytree(base, out / "model")
-    summary = {"method": config.method, "model": str(out / "model"), "eval": config.eval_mode(), "stages": stages}
+    summary = {
+        "method": config.method,
+        "model": str(out / "model"),
+        "eval": config.eval_mode(longest),
+        "stages": stages,
+    }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _longest_trace(config: LatentTrainConfig, records: list[dict[str, Any]], bundle: Path) -> int:
+    """colar: the most chain-of-thought tokens of a record's span; refused before training when its
+    slots at the smallest factor exceed the head's max_latent_steps (the objective would fail mid-run)."""
+    from mmllm.data.pretokenize import TokenizerBundle
+
+    tokenizers = TokenizerBundle.load(bundle)
+    fmt = config.format(0)
+    longest = max(reply_ids(r["meta"], fmt, tokenizers.layout, tokenizers.text_tokenizer)[1] - 2 for r in records)
+    smallest = config.colar_factors()[0]
+    most = _lookup(config.run, "finetune.latent_head.max_latent_steps") or DEFAULT_MAX_LATENT_STEPS
+    slots = -(-longest // smallest)
+    if slots > most:
+        raise ConfigError(
+            f"latent-train config: the longest training trace takes {slots} latent slots at compression "
+            f"{smallest} ({longest} tokens), more than run.finetune.latent_head.max_latent_steps {most}"
+        )
+    return longest
 
 
 def _run_stage(config: LatentTrainConfig, stage: int, base: Path, stage_dir: Path, progress: bool) -> list[dict]:
