@@ -1,8 +1,16 @@
 """Latent-reasoning heads at the backbone's hook points: continuous thought (Coconut), its curriculum,
-compressed latents (CoLaR),
+compressed latents (CoLaR), Token Assorted's discrete latent codes (a chunk VQ-VAE, assorted.py),
 the baselines' data formats, and batched KV-cached latent decoding. See base.py for the contract;
 train.py drives a curriculum through the finetuning loop (`mmllm latent-train`)."""
 
+from mmllm.model.latent.assorted import (
+    CODES_MODALITY,
+    CotVQVAE,
+    CotVQVAEConfig,
+    check_codes_fit,
+    codes_range,
+    train_cot_vqvae,
+)
 from mmllm.model.latent.base import (
     HEADS,
     LATENT_HEAD_FILE,
@@ -21,17 +29,22 @@ from mmllm.model.latent.formats import PuzzleFormat, encode_puzzle, prompt_suffi
 from mmllm.model.latent.generate import LatentOutput, latent_generate
 
 __all__ = [
+    "CODES_MODALITY",
     "HEADS",
     "LATENT_HEAD_FILE",
     "CoconutCurriculum",
     "CoconutHead",
     "ColarHead",
+    "CotVQVAE",
+    "CotVQVAEConfig",
     "LatentHead",
     "LatentHeadHooks",
     "LatentOutput",
     "PuzzleFormat",
     "attach_latent_head",
     "build_head",
+    "check_codes_fit",
+    "codes_range",
     "colar_generate",
     "encode_puzzle",
     "find_latent_head",
@@ -40,5 +53,6 @@ __all__ = [
     "load_latent_head",
     "prompt_suffix",
     "read_latent_head",
+    "train_cot_vqvae",
     "write_puzzle_shards",
 ]

@@ -1,4 +1,4 @@
-"""One puzzle record, four ways to answer it: the baselines and the latent heads train on the same items.
+"""One puzzle record, several ways to answer it: the baselines and the latent heads train on the same items.
 
 A reasoning record of the toy world (`toy-prosqa`, `toy-arith`, `toy-visual-count`) keeps its
 question (the user turn, images included), its chain-of-thought steps and its answer apart in
@@ -10,9 +10,13 @@ question (the user turn, images included), its chain-of-thought steps and its an
     coconut   <|bolt|> <|latent|> x m <|eolt|> steps k+1.. n, "answer: X"  (stage k of the curriculum)
     colar     <|bolt|> step 1 \\n ... step n \\n <|eolt|> "answer: X"   (CoLaR: the `colar` objective
               compresses the span's tokens into ceil(len/c) latent slots, c drawn per batch)
+    assorted  <|begin_latent_codes|> codes of chunks 1..m <|end_latent_codes|> rest of the trace, "answer: X"
+              (Token Assorted: a fitted `CotVQVAE` codes the first m chunks of L trace tokens, m drawn
+              per example from 0..all chunks (at most `max_chunks`), keyed by `seed` and the puzzle)
 
-The loss falls on the text and the `<|end_of_turn|>` only: pause tokens, latent spans and their
-delimiters are inputs, which inference feeds too (`prompt_suffix`; `latent_generate` for the span).
+The loss falls on the text and the `<|end_of_turn|>`, and on assorted's codes span, which the model
+learns to write: pause tokens, latent spans and their delimiters are inputs, which inference feeds
+too (`prompt_suffix`; `latent_generate` for the span).
 Pause fillers cycle through the layout's distinct pause tokens rather than repeating one, since a
 single shared thinking-token embedding trains worse ("Rethinking Thinking Tokens", 2025).
 
@@ -23,6 +27,7 @@ finetuning loop reads like any other.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +38,12 @@ import numpy as np
 from mmllm.chat_template import SPECIAL, EncodedConversation, encode_conversation, encode_text
 from mmllm.data.toy_tasks import Puzzle
 from mmllm.errors import ConfigError, InputError
+from mmllm.model.latent.assorted import CODES_MODALITY, CotVQVAE, check_codes_fit, trace_ids
 from mmllm.model.latent.curriculum import CoconutCurriculum
 from mmllm.vocab import END_OF_TURN, LATENT_TOKEN, VocabLayout
 
-Kind = Literal["no-cot", "cot", "pause", "coconut", "colar"]
-KINDS = ("no-cot", "cot", "pause", "coconut", "colar")
+Kind = Literal["no-cot", "cot", "pause", "coconut", "colar", "assorted"]
+KINDS = ("no-cot", "cot", "pause", "coconut", "colar", "assorted")
 
 
 @dataclass(frozen=True)
@@ -46,17 +52,27 @@ class PuzzleFormat:
     stage: int = 0  # coconut: the curriculum stage (its first steps become latent thoughts)
     pause: int = 0  # pause: filler tokens before the answer
     curriculum: CoconutCurriculum = field(default_factory=CoconutCurriculum)
+    vqvae: CotVQVAE | None = field(default=None, compare=False)  # assorted: the fitted chunk VQ-VAE
+    max_chunks: int | None = None  # assorted: the most leading chunks replaced by codes (None: all)
+    seed: int = 0  # assorted: keys the per-example draw of m
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"puzzle format {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.pause < 0 or self.stage < 0:
             raise ConfigError(f"puzzle format {self.kind}: pause and stage must be >= 0")
+        if self.kind == "assorted" and self.vqvae is None:
+            raise ConfigError("puzzle format assorted needs a fitted cot vq-vae (vqvae=...)")
+        if self.max_chunks is not None and self.max_chunks < 0:
+            raise ConfigError(f"puzzle format {self.kind}: max_chunks must be >= 0")
 
 
 def reply_ids(meta: dict[str, Any], fmt: PuzzleFormat, layout: VocabLayout, text_tokenizer) -> tuple[list[int], int]:
     """The assistant turn's ids, `<|end_of_turn|>` included, and how many leading ids are inputs only."""
     steps, answer = list(meta["steps"]), str(meta["answer"])
+    if fmt.kind == "assorted":
+        span, text = assorted_reply(meta, fmt, layout, text_tokenizer)
+        return [*span, *text, layout.token_id(END_OF_TURN)], 0
     fed: list[int] = []
     if fmt.kind in ("no-cot", "pause"):
         steps = []
@@ -72,6 +88,26 @@ def reply_ids(meta: dict[str, Any], fmt: PuzzleFormat, layout: VocabLayout, text
         steps = []
     text = encode_text(Puzzle("", steps, answer, {}).solution, text_tokenizer)
     return [*fed, *text, layout.token_id(END_OF_TURN)], len(fed)
+
+
+def assorted_reply(
+    meta: dict[str, Any], fmt: PuzzleFormat, layout: VocabLayout, text_tokenizer
+) -> tuple[list[int], list[int]]:
+    """Assorted's reply without `<|end_of_turn|>`: the codes span of the first m chunks (empty when
+    m = 0) and the text ids after them (the rest of the trace, then the answer)."""
+    vqvae = fmt.vqvae
+    trace = trace_ids(meta, text_tokenizer)
+    chunks = vqvae.chunk(trace)
+    limit = len(chunks) if fmt.max_chunks is None else min(len(chunks), fmt.max_chunks)
+    check_codes_fit(layout, vqvae, limit * vqvae.config.codes_per_chunk)  # the longest span m may give
+    # A str seed hashes with SHA-512: the same m for the same puzzle and seed on every machine.
+    m = random.Random(f"assorted/{fmt.seed}/{meta.get('question', '')}/{trace}").randint(0, limit)
+    answer = encode_text(f"answer: {meta['answer']}", text_tokenizer)
+    rest = trace[m * vqvae.config.chunk_len :] + answer
+    if m == 0:
+        return [], rest
+    codes = vqvae.encode(chunks[:m]).reshape(-1)
+    return layout.span_ids(CODES_MODALITY, codes.numpy()), rest
 
 
 def pause_ids(layout: VocabLayout, count: int) -> list[int]:
@@ -98,6 +134,10 @@ def encode_puzzle(
     question = [m for m in record["messages"] if m["role"] != "assistant"]
     encoded = encode_conversation(question, layout, text_tokenizer, add_generation_prompt=True)
     ids, fed = reply_ids(meta, fmt, layout, text_tokenizer)
+    if fmt.kind == "assorted" and ids[0] == layout.begin_id(CODES_MODALITY):
+        span = ids.index(layout.end_id(CODES_MODALITY)) + 1
+        encoded.append(ids[:span], True, CODES_MODALITY, "assistant")
+        ids = ids[span:]
     encoded.append(ids[:fed], False, SPECIAL, "assistant")
     encoded.append(ids[fed:-1], True, "text", "assistant")
     encoded.append(ids[-1:], True, SPECIAL, "assistant")
