@@ -1,7 +1,7 @@
 """Latent-reasoning heads at the backbone's hook points: continuous thought (Coconut), its curriculum,
-compressed latents (CoLaR), Token Assorted's discrete latent codes (a chunk VQ-VAE, assorted.py),
-the baselines' data formats, and batched KV-cached latent decoding. See base.py for the contract;
-train.py drives a curriculum through the finetuning loop (`mmllm latent-train`)."""
+compressed latents (CoLaR), latent visual tokens (Mirage), Token Assorted's discrete latent codes (a
+chunk VQ-VAE, assorted.py), the baselines' data formats, and batched KV-cached latent decoding. See
+base.py for the contract; train.py drives a curriculum through the finetuning loop (`mmllm latent-train`)."""
 
 from mmllm.model.latent.assorted import (
     CODES_MODALITY,
@@ -27,6 +27,7 @@ from mmllm.model.latent.colar import ColarHead, colar_generate
 from mmllm.model.latent.curriculum import CoconutCurriculum, LatentHeadHooks
 from mmllm.model.latent.formats import PuzzleFormat, encode_puzzle, prompt_suffix, write_puzzle_shards
 from mmllm.model.latent.generate import LatentOutput, latent_generate
+from mmllm.model.latent.mirage import MirageHead, visual_targets
 
 __all__ = [
     "CODES_MODALITY",
@@ -40,6 +41,7 @@ __all__ = [
     "LatentHead",
     "LatentHeadHooks",
     "LatentOutput",
+    "MirageHead",
     "PuzzleFormat",
     "attach_latent_head",
     "build_head",
@@ -54,5 +56,6 @@ __all__ = [
     "prompt_suffix",
     "read_latent_head",
     "train_cot_vqvae",
+    "visual_targets",
     "write_puzzle_shards",
 ]

@@ -70,6 +70,11 @@ class LatentHead(FeedbackLatent):
         """The knobs this head was built with (JSON values), as `__init__` takes them."""
         return {"max_latent_steps": self.max_latent_steps}
 
+    def architecture(self) -> dict[str, Any]:
+        """The knobs that make two heads' weights interchangeable (training-only knobs left out), so
+        a later stage can continue from a saved head."""
+        return self.options()
+
     def check_steps(self, steps: Sequence[int]) -> None:
         """Refuse latent step counts outside [0, max_latent_steps], in one line."""
         if any(n < 0 for n in steps):
@@ -104,7 +109,7 @@ def register_head(cls: type[LatentHead]) -> type[LatentHead]:
 
 def registry() -> dict[str, type[LatentHead]]:
     """Every registered head, the built-in ones included."""
-    from mmllm.model.latent import coconut, colar  # noqa: F401  (registers the built-in heads)
+    from mmllm.model.latent import coconut, colar, mirage  # noqa: F401  (registers the built-in heads)
 
     return HEADS
 

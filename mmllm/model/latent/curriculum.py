@@ -199,8 +199,8 @@ class LatentHeadHooks:
         saved = Path(base.name_or_path) / LATENT_HEAD_FILE if base.name_or_path else None
         if saved is not None and saved.is_file():
             previous = read_latent_head(saved, base.layout, head.hidden_size)
-            if previous.name == head.name and previous.options() == head.options():
-                head = previous
+            if previous.name == head.name and previous.architecture() == head.architecture():
+                head.load_state_dict(previous.state_dict())  # the saved weights, this run's training knobs
                 logger.info("latent head %s: training continues from %s", head.name, saved)
         self.head = attach_latent_head(model, head)
         return model
