@@ -20,27 +20,20 @@ from mmllm.generation import GenerationConfig
 from mmllm.model.latent import ColarHead, PuzzleFormat, attach_latent_head, colar_generate, encode_puzzle
 from mmllm.model.latent.base import read_latent_head
 from mmllm.model.latent.colar import colar_loss, compress_span, compressed_embeddings
-from mmllm.model.loss import IGNORE_INDEX
 
-from .test_latent import model as tiny_model
-from .test_latent import prompts, reference_decode
+from .test_latent import one_document_per_row, perturbed, prompts, reference_decode, tiny_latent_model
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}  # float32 sums in another order
 
 
 @pytest.fixture()
 def model(text_tokenizer):
-    """test_latent's random tiny model on the toy layout."""
-    return tiny_model.__wrapped__(text_tokenizer)
+    return tiny_latent_model(text_tokenizer)
 
 
 def with_colar(model, **options) -> ColarHead:
     """A colar head moved off its initialisation, so the factor embedding and the MLP both matter."""
-    head = ColarHead(model.layout, model.config.hidden_size, **options)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for parameter in head.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
+    head = perturbed(ColarHead(model.layout, model.config.hidden_size, **options))
     return attach_latent_head(model, head)
 
 
@@ -100,20 +93,7 @@ def colar_batch(model) -> dict[str, torch.Tensor]:
         encoded = encode_puzzle(record, PuzzleFormat("colar"), model.layout, model.text_tokenizer)
         documents.append((encoded.input_ids, encoded.loss_mask))
     width = max(len(ids) for ids, _ in documents) + 2
-    batch = {
-        "input_ids": torch.full((2, width), model.layout.pad_id),
-        "labels": torch.full((2, width), IGNORE_INDEX),
-        "document_ids": torch.ones(2, width, dtype=torch.long),
-        "loss_weights": torch.zeros(2, width),
-        "modality": torch.zeros(2, width, dtype=torch.long),
-    }
-    for r, (ids, mask) in enumerate(documents):
-        n = len(ids)
-        batch["input_ids"][r, :n] = torch.tensor(ids)
-        batch["labels"][r, :n] = torch.where(torch.tensor(mask), torch.tensor(ids), IGNORE_INDEX)
-        batch["document_ids"][r, :n] = 0
-        batch["loss_weights"][r, :n] = torch.tensor(mask, dtype=torch.float32)
-    return batch
+    return one_document_per_row(documents, width, model.layout.pad_id)
 
 
 @pytest.mark.parametrize("latent_loss", ["nll", "mse"])

@@ -45,6 +45,11 @@ QUESTIONS = ("Is Tom a wumpus?", "Compute 3 + 4.", "Are there more circles in th
 @pytest.fixture()
 def model(text_tokenizer):
     """A random tiny model on the toy layout; a large init std makes greedy choices decisive."""
+    return tiny_latent_model(text_tokenizer)
+
+
+def tiny_latent_model(text_tokenizer) -> MMLLM:
+    """The latent tests' model (also test_colar's and test_mirage's): seeded, so every test sees the same."""
     torch.manual_seed(0)
     config = ModelConfig.from_yaml(REPO / "configs" / "model" / "tiny.yaml", ["initializer_range=0.3"])
     return MMLLM.from_config(config, toy_vocab_layout(text_tokenizer), text_tokenizer).eval()
@@ -52,11 +57,7 @@ def model(text_tokenizer):
 
 def with_head(model, projection: str = "linear", max_latent_steps: int = 8) -> CoconutHead:
     """A Coconut head whose projection is moved off the identity, so a test sees the map used."""
-    head = CoconutHead(model.layout, model.config.hidden_size, max_latent_steps, projection)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for parameter in head.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
+    head = perturbed(CoconutHead(model.layout, model.config.hidden_size, max_latent_steps, projection))
     return attach_latent_head(model, head)
 
 
@@ -228,6 +229,34 @@ def test_latent_head_hooks_attach_save_beside_the_model_and_continue(model, tmp_
     again = LatentHeadHooks(ModelHooks(), "coconut", projection="mlp", max_latent_steps=4)
     again.prepare(loaded, None)
     torch.testing.assert_close(again.head.state_dict(), head.state_dict(), rtol=0, atol=0)
+
+
+def one_document_per_row(documents: list[tuple[list[int], list[bool]]], width: int, pad_id: int) -> dict:
+    """A loop batch of one (ids, loss mask) document per row, right-padded to `width`."""
+    rows = len(documents)
+    batch = {
+        "input_ids": torch.full((rows, width), pad_id),
+        "labels": torch.full((rows, width), IGNORE_INDEX),
+        "document_ids": torch.ones(rows, width, dtype=torch.long),
+        "loss_weights": torch.zeros(rows, width),
+        "modality": torch.zeros(rows, width, dtype=torch.long),
+    }
+    for r, (ids, mask) in enumerate(documents):
+        n = len(ids)
+        batch["input_ids"][r, :n] = torch.tensor(ids)
+        batch["labels"][r, :n] = torch.where(torch.tensor(mask), torch.tensor(ids), IGNORE_INDEX)
+        batch["document_ids"][r, :n] = 0
+        batch["loss_weights"][r, :n] = torch.tensor(mask, dtype=torch.float32)
+    return batch
+
+
+def perturbed(head):
+    """`head` with every parameter moved off its initialisation (seeded), so a test sees each one used."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return head
 
 
 # ---------------------------------------------------------------- save / load

@@ -12,26 +12,19 @@ from mmllm.model.latent import MirageHead, attach_latent_head, latent_forward, l
 from mmllm.model.latent.base import read_latent_head
 from mmllm.model.latent.curriculum import coconut
 from mmllm.model.latent.mirage import helper_codes, mirage, mirage_loss
-from mmllm.model.loss import IGNORE_INDEX
 from mmllm.model.mmllm import MMLLM
 
-from .test_latent import model as tiny_model
-from .test_latent import prompts, reference_decode
+from .test_latent import one_document_per_row, perturbed, prompts, reference_decode, tiny_latent_model
 
 
 @pytest.fixture()
 def model(text_tokenizer):
-    """test_latent's random tiny model on the toy layout."""
-    return tiny_model.__wrapped__(text_tokenizer)
+    return tiny_latent_model(text_tokenizer)
 
 
 def with_mirage(model, **options) -> MirageHead:
     """A mirage head moved off the identity, so a test sees the projection used."""
-    head = MirageHead(model.layout, model.config.hidden_size, **options)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for parameter in head.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
+    head = perturbed(MirageHead(model.layout, model.config.hidden_size, **options))
     return attach_latent_head(model, head)
 
 
@@ -98,20 +91,7 @@ def visual_batch(model, steps=(2, 3)) -> dict[str, torch.Tensor]:
         ids = [*prompt[:3], layout.begin_id("image"), *codes, layout.end_id("image"), *prompt[3:], *span, *answer]
         documents.append((ids, [False] * (len(ids) - len(answer)) + [True] * len(answer)))
     width = max(len(ids) for ids, _ in documents) + 2
-    batch = {
-        "input_ids": torch.full((len(steps), width), layout.pad_id),
-        "labels": torch.full((len(steps), width), IGNORE_INDEX),
-        "document_ids": torch.ones(len(steps), width, dtype=torch.long),
-        "loss_weights": torch.zeros(len(steps), width),
-        "modality": torch.zeros(len(steps), width, dtype=torch.long),
-    }
-    for r, (ids, mask) in enumerate(documents):
-        n = len(ids)
-        batch["input_ids"][r, :n] = torch.tensor(ids)
-        batch["labels"][r, :n] = torch.where(torch.tensor(mask), torch.tensor(ids), IGNORE_INDEX)
-        batch["document_ids"][r, :n] = 0
-        batch["loss_weights"][r, :n] = torch.tensor(mask, dtype=torch.float32)
-    return batch
+    return one_document_per_row(documents, width, layout.pad_id)
 
 
 @pytest.mark.parametrize("distill_loss", ["cosine", "mse"])
