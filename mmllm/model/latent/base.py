@@ -156,6 +156,15 @@ def require_latent_head(model) -> LatentHead:
     return head
 
 
+def require_head_kind(model, kind: type[LatentHead]) -> LatentHead:
+    """The model's latent head when it is a `kind`; else a one-line error naming what it has."""
+    head = find_latent_head(model)
+    if not isinstance(head, kind):
+        found = "none" if head is None else f"a {head.name} head"
+        raise ConfigError(f"{kind.name} needs a model with a {kind.name} latent head attached, this one has {found}")
+    return head
+
+
 def attach_latent_head(model, head: LatentHead) -> LatentHead:
     """Attach `head` at the model's hook points, on the model's device and dtype; one head per model."""
     model = base_model(model)

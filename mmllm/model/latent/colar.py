@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from mmllm.errors import ConfigError, InputError
 from mmllm.generation.generator import GenerationConfig, Generator
 from mmllm.model.hooks import TokenState
-from mmllm.model.latent.base import DEFAULT_MAX_LATENT_STEPS, LatentHead, base_model, find_latent_head, register_head
+from mmllm.model.latent.base import DEFAULT_MAX_LATENT_STEPS, LatentHead, base_model, register_head, require_head_kind
 from mmllm.model.latent.curriculum import align_latent_spans, unpack_documents
 from mmllm.model.latent.generate import LatentOutput, latent_generate
 from mmllm.model.loss import IGNORE_INDEX
@@ -153,11 +153,7 @@ def compressed_embeddings(embed: nn.Embedding, groups: Sequence[Tensor]) -> Tens
 
 
 def require_colar_head(model) -> ColarHead:
-    head = find_latent_head(model)
-    if not isinstance(head, ColarHead):
-        found = "none" if head is None else f"a {head.name} head"
-        raise ConfigError(f"colar needs a model with a colar latent head attached, this one has {found}")
-    return head
+    return require_head_kind(model, ColarHead)
 
 
 @register_objective("colar")

@@ -43,9 +43,9 @@ from mmllm.model.latent.base import (
     DEFAULT_MAX_LATENT_STEPS,
     LatentHead,
     base_model,
-    find_latent_head,
     latent_forward,
     register_head,
+    require_head_kind,
 )
 from mmllm.model.latent.coconut import PROJECTIONS, Projection, ResidualMLP, identity_linear
 from mmllm.model.latent.curriculum import align_latent_spans, unpack_documents
@@ -134,11 +134,7 @@ def helper_codes(ids: Tensor, layout: VocabLayout, latent_id: int) -> Tensor:
 
 
 def require_mirage_head(model) -> MirageHead:
-    head = find_latent_head(model)
-    if not isinstance(head, MirageHead):
-        found = "none" if head is None else f"a {head.name} head"
-        raise ConfigError(f"mirage needs a model with a mirage latent head attached, this one has {found}")
-    return head
+    return require_head_kind(model, MirageHead)
 
 
 @register_objective("mirage")
