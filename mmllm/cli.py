@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     latent = commands.add_parser(
         "latent-train", help="train a reasoning method on the toy puzzles: Coconut's curriculum, or a baseline"
     )
-    latent.add_argument("--config", required=True, help="configs/finetune/toy_{coconut,cot,nocot,pause}.yaml")
+    latent.add_argument(
+        "--config", required=True, help="configs/finetune/toy_{coconut,colar,mirage,assorted,cot,nocot,pause}.yaml"
+    )
     latent.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. run.finetune.base_model=DIR"
     )
@@ -324,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--latent",
         metavar="MODE",
-        help="how the reasoning puzzles are answered: cot (default), no-cot, pause:k=K, coconut:steps=N or "
-        "colar:steps=N,c=K (the last two through the latent head of the model's dir)",
+        help="how the reasoning puzzles are answered: cot (default), no-cot, assorted, pause:k=K, coconut:steps=N, "
+        "mirage:steps=N or colar:steps=N,c=K (the last three through the latent head of the model's dir)",
     )
     evaluate.add_argument(
         "--compare",

@@ -16,7 +16,7 @@ import yaml
 from mmllm.cli import main
 from mmllm.errors import ConfigError, InputError
 from mmllm.evaluation import report
-from mmllm.evaluation.reasoning import ReasoningMode, parse_answer, parse_mode
+from mmllm.evaluation.reasoning import ReasoningMode, mode_generator, parse_answer, parse_mode
 from mmllm.evaluation.runner import EvalSettings, evaluate
 from mmllm.evaluation.tasks import get_task
 from mmllm.generation import GenerationConfig, Generator, Prompt, encode_prompts
@@ -29,6 +29,7 @@ from .conftest import REPO, random_toy_tokenizers, toy_vocab_layout, write_yaml
 
 PUZZLES = ("toy-prosqa", "toy-arith", "toy-visual-count")
 ZERO3 = str(REPO / "configs" / "deepspeed" / "zero3.json")
+SHIPPED = ("toy_cot", "toy_nocot", "toy_pause", "toy_coconut", "toy_colar", "toy_assorted", "toy_mirage")
 
 
 @pytest.fixture(scope="module")
@@ -257,22 +258,160 @@ def test_latent_train_refuses_an_inconsistent_config(base, tmp_path):
         one_line(error)
 
 
-def test_the_shipped_configs_train_one_method_each_on_the_same_budget(base):
-    modes, steps = {}, {}
-    for name in ("toy_coconut", "toy_colar", "toy_cot", "toy_nocot", "toy_pause"):
-        config = load_latent_train_config(
-            REPO / "configs" / "finetune" / f"{name}.yaml", [f"run.finetune.base_model={base}"]
-        )
+def test_the_shipped_configs_train_one_method_each_within_the_budget():
+    modes, steps, starts = {}, {}, {}
+    for name in SHIPPED:
+        config = load_latent_train_config(REPO / "configs" / "finetune" / f"{name}.yaml")
         modes[name], steps[name] = config.eval_mode(), config.steps * len(config.stages())
-        assert config.puzzles.tasks == PUZZLES
+        starts[name] = config.from_scratch or config.run["finetune"]["base_model"]
     assert modes == {
-        "toy_coconut": "coconut:steps=6",
-        "toy_colar": "colar:steps=88,c=5",
         "toy_cot": "cot",
         "toy_nocot": "no-cot",
-        "toy_pause": "pause:k=6",
+        "toy_pause": "pause:k=4",
+        "toy_coconut": "coconut:steps=4",
+        "toy_colar": "colar:steps=1,c=5",  # without the traces; the driver sizes it to the longest one
+        "toy_assorted": "assorted",
+        "toy_mirage": "mirage:steps=4",
     }
-    assert len(set(steps.values())) == 1  # every baseline trains as many steps as the whole curriculum
+    # The baselines train a fresh model for the same steps; the heads start from the chain-of-thought model
+    # (Coconut's stage 0) and train at most as many steps again; Mirage trains a fresh model on its own task.
+    assert {starts[n] for n in ("toy_cot", "toy_nocot", "toy_pause", "toy_mirage")} == {"configs/model/toy.yaml"}
+    assert {starts[n] for n in ("toy_coconut", "toy_colar", "toy_assorted")} == {"runs/latent/cot/model"}
+    assert steps["toy_cot"] == steps["toy_nocot"] == steps["toy_pause"]
+    assert max(steps[n] for n in ("toy_coconut", "toy_colar", "toy_assorted")) <= steps["toy_cot"]
+
+
+# ---------------------------------------------------------------- Mirage and Token Assorted
+
+
+@pytest.fixture(scope="module")
+def latent_bundle(tmp_path_factory, text_tokenizer_dir) -> Path:
+    """A tokenizer bundle of configs/vocab/latent.yaml (image and latent_codes ranges) with a random
+    tiny image tokenizer: what `from_scratch` builds a model for."""
+    from mmllm.config import load_config
+    from mmllm.model.config import ModelConfig
+    from mmllm.text_tokenizer import fingerprint, load_text_tokenizer
+    from mmllm.vocab import VocabLayout, VocabSpec
+
+    text_tokenizer = load_text_tokenizer(text_tokenizer_dir)
+    spec = load_config(VocabSpec, REPO / "configs" / "vocab" / "latent.yaml")
+    layout = VocabLayout.build(
+        len(text_tokenizer), spec.modality_ranges(), text_tokenizer_fingerprint=fingerprint(text_tokenizer)
+    )
+    tokenizers = {"image": random_toy_tokenizers()["image"]}
+    path = tmp_path_factory.mktemp("latent_bundle") / "bundle"
+    config = ModelConfig.from_yaml(REPO / "configs" / "model" / "tiny.yaml")
+    MMLLM.from_config(config, layout, text_tokenizer, tokenizers).save_pretrained(path)
+    return path
+
+
+def method_yaml(path: Path, method: str, start: dict, tasks: list[str], **overrides) -> Path:
+    """A tiny run of `method`: 3 puzzles of `tasks`, 2 steps per stage, from `start` (base_model or from_scratch)."""
+    config = {
+        "method": method,
+        "steps": 2,
+        "puzzles": {"tasks": tasks, "items": 3},
+        "out": str(path.parent / "out"),
+        "ranks": 1,
+        **{k: v for k, v in start.items() if k != "base_model"},
+        "run": {
+            "finetune": {"method": "full", **({"base_model": start["base_model"]} if "base_model" in start else {})},
+            "objectives": ["next_token"],
+            "data": {"packing": {"seq_len": 512, "condition_dropout": 0.0}},
+            "optim": {"lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.0},
+            "micro_batch_size": 2,
+            "log_every": 1,
+            "threads": 1,
+        },
+    }
+    return write_yaml(path, config, overrides)
+
+
+def mirage_yaml(path: Path, bundle: Path, **overrides) -> Path:
+    scratch = {"from_scratch": str(REPO / "configs" / "model" / "tiny.yaml"), "vocab": str(bundle)}
+    overrides = {
+        "latent_steps_mirage": 2,
+        "run.finetune.latent_head": {"kind": "mirage", "projection": "mlp", "max_latent_steps": 4},
+        "run.objectives": ["mirage"],
+        **overrides,
+    }
+    return method_yaml(path, "mirage", scratch, ["toy-visual-count"], **overrides)
+
+
+def test_a_tiny_mirage_run_distils_then_trains_on_text_alone(latent_bundle, one_rank, tmp_path):
+    summary = train_latent(load_latent_train_config(mirage_yaml(tmp_path / "m.yaml", latent_bundle)), progress=False)
+    out = tmp_path / "out"
+    assert (out / "init" / "model" / "config.json").is_file()  # from scratch: a fresh model, then the stages
+    assert [s["stage"] for s in summary["stages"]] == [1, 2] and summary["eval"] == "mirage:steps=2"
+    first, second = summary["stages"]
+    assert first["thoughts"] == second["thoughts"] == 2
+    assert math.isfinite(first["first_loss/distill"]) and "first_loss/distill" not in second
+    for stage in (1, 2):
+        run = yaml.safe_load((out / f"stage-{stage}" / "finetune.yaml").read_text())
+        assert run["finetune"]["latent_head"]["stage"] == stage
+    head = load_latent_head(MMLLM.from_pretrained(out / "model"))
+    assert head.name == "mirage" and head.stage == 2
+    results_path = tmp_path / "eval" / "results.json"
+    argv = ["--quiet", "eval", "--model", str(out / "model"), "--tasks", "toy-visual-count", "--limit", "2"]
+    assert main([*argv, "--no-untrained", "--latent", "mirage:steps=2", "--out", str(results_path)]) == 0
+    entry = json.loads(results_path.read_text())["tasks"]["toy-visual-count"]
+    assert entry["mode"] == "mirage:steps=2" and all(s["scores"]["generated_tokens"] > 2 for s in entry["samples"])
+
+
+def test_a_tiny_assorted_run_fits_its_codes_and_decodes_them(latent_bundle, one_rank, tmp_path):
+    from mmllm.model.latent import CODES_MODALITY, CotVQVAE
+
+    overrides = {"assorted": {"chunk_len": 8, "codebook_size": 16, "steps": 40}}
+    path = method_yaml(tmp_path / "a.yaml", "assorted", {"base_model": str(latent_bundle)}, ["toy-arith"], **overrides)
+    summary = train_latent(load_latent_train_config(path), progress=False)
+    out = tmp_path / "out"
+    assert summary["eval"] == "assorted" and summary["vqvae"]["last_loss"] < summary["vqvae"]["first_loss"]
+    assert CotVQVAE.load(out / "cot_vqvae.safetensors").config.chunk_len == 8
+    model = MMLLM.from_pretrained(out / "model").eval()
+    codes = model.layout.modality(CODES_MODALITY)
+    shards = out / "stage-0" / "shards"
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(next(shards.glob("part-*/chunk-*/data"))))
+    written = [i for row in rows["input_ids"] for i in row if codes.start <= i < codes.end]
+    assert written  # some puzzles write their leading chunks as codes
+    # The assorted mode's generator may open a codes span, which the default one cannot (no tokenizer
+    # decodes it), and a reply continues in text after the span closes.
+    assert CODES_MODALITY in mode_generator(model, parse_mode("assorted")).generatable
+    assert CODES_MODALITY not in Generator(model).generatable
+    prompt = item_prompts(model, "toy-arith", 1)
+    config = GenerationConfig(max_new_tokens=30, stop_after_span=False)
+    generator = mode_generator(model, parse_mode("assorted"))
+    (output,) = generator.generate(prompt, config, forced=[[model.layout.begin_id(CODES_MODALITY)]])
+    closed = output.ids.index(model.layout.end_id(CODES_MODALITY))
+    assert all(codes.start <= i < codes.end for i in output.ids[:closed]) and len(output.ids) > closed + 1
+    results_path = tmp_path / "eval" / "results.json"
+    argv = ["--quiet", "eval", "--model", str(out / "model"), "--tasks", "toy-arith", "--limit", "2"]
+    assert main([*argv, "--no-untrained", "--latent", "assorted", "--out", str(results_path)]) == 0
+    assert json.loads(results_path.read_text())["tasks"]["toy-arith"]["mode"] == "assorted"
+
+
+def test_mirage_and_assorted_refuse_what_they_cannot_run_in_one_line(latent_bundle, base, toy_model, tmp_path):
+    path = mirage_yaml(tmp_path / "m.yaml", latent_bundle)
+    for overrides, message in (
+        (["run.finetune.latent_head={kind: coconut}"], "method mirage needs run.finetune.latent_head: {kind: mirage}"),
+        (["latent_steps_mirage=5"], "latent_steps_mirage must be in 1..4"),
+        (["run.finetune.latent_head.stage=2"], "remove run.finetune.latent_head.stage"),
+        ([f"run.finetune.base_model={base}"], "from run.finetune.base_model .* or from_scratch"),
+        (["vocab="], "from_scratch needs vocab"),
+    ):
+        with pytest.raises(ConfigError, match=message) as error:
+            load_latent_train_config(path, overrides)
+        one_line(error)
+    attach_latent_head(toy_model, CoconutHead(toy_model.layout, toy_model.config.hidden_size, 4))
+    for mode, message in (
+        ("mirage:steps=2", "needs a mirage latent head, the model has a coconut head"),
+        ("assorted", "has no latent_codes range"),
+    ):
+        settings = EvalSettings(["toy-arith"], limit=1, latent=parse_mode(mode), progress=False)
+        with pytest.raises(InputError, match=message) as error:
+            evaluate(toy_model, settings, tmp_path / "r.json")
+        one_line(error)
 
 
 # ---------------------------------------------------------------- CoLaR

@@ -17,10 +17,13 @@ of the latent-reasoning table; it must match how the model was trained (`mmllm l
     pause:k=K        K pause tokens after the prompt, as the pause baseline trained (`prompt_suffix`)
     coconut:steps=N  N continuous thoughts, then the answer (`latent_generate`), through the latent head
                      attached to the model or saved in its checkpoint dir
+    mirage:steps=N   N latent visual tokens, then the answer (`latent_generate`), through a mirage head
+    assorted         plain decoding that may open a `latent_codes` span: Token Assorted's model writes
+                     the codes of its leading trace chunks, then the rest of the trace as text
     colar:steps=N,c=K  N compressed latents at compression factor K (`colar_generate`), through a colar head
 
 Generated tokens are counted as the papers count them: each reply token, each continuous thought
-(Coconut counts a thought as a token) and each pause token (a position and a forward, as a
+(Coconut counts a thought as a token), each latent code and each pause token (a position and a forward, as a
 generated token). Everything a mode cannot do is refused before inference: a mode with a task
 that is no puzzle, coconut on a model without a head or with more steps than the head's maximum,
 pause on a layout without pause tokens.
@@ -43,7 +46,9 @@ from mmllm.evaluation.tasks import EvalItem, ReplyPart, Task, register_task, rep
 from mmllm.evaluation.toy import CHANCE_POOL, ToyTask
 from mmllm.generation import GenerationConfig, GenerationOutput, Generator
 from mmllm.model.latent import (
+    CODES_MODALITY,
     ColarHead,
+    MirageHead,
     PuzzleFormat,
     attach_latent_head,
     build_head,
@@ -55,7 +60,8 @@ from mmllm.model.latent import (
 )
 
 ANSWER = re.compile(r"answer:", re.IGNORECASE)
-MODE_KNOBS = {"pause": "k", "coconut": "steps"}  # the count each mode takes
+MODE_KNOBS = {"pause": "k", "coconut": "steps", "mirage": "steps"}  # the count each mode takes
+HEAD_KINDS = {"colar": ColarHead, "mirage": MirageHead}  # modes that need a head of their own kind
 ALIASES = {"nocot": "no-cot"}
 
 
@@ -126,7 +132,7 @@ for _task in (ProsQATask(), ArithmeticTask(), VisualCountTask()):
 
 @dataclass(frozen=True)
 class ReasoningMode:
-    kind: str = "cot"  # cot, no-cot, pause, coconut, colar
+    kind: str = "cot"  # cot, no-cot, assorted, pause, coconut, mirage, colar
     count: int = 0  # pause: filler tokens; coconut, colar: latent steps
     compression: int = 0  # colar: the compression factor c
 
@@ -139,17 +145,17 @@ class ReasoningMode:
 
 
 def parse_mode(spec: str) -> ReasoningMode:
-    """`cot`, `no-cot` (`nocot`), `pause:k=K`, `coconut:steps=N` or `colar:steps=N,c=K` -> ReasoningMode;
-    one-line errors."""
+    """`cot`, `no-cot` (`nocot`), `assorted`, `pause:k=K`, `coconut:steps=N`, `mirage:steps=N` or
+    `colar:steps=N,c=K` -> ReasoningMode; one-line errors."""
     name, _, knob = spec.strip().partition(":")
     kind = ALIASES.get(name, name)
-    usage = "cot, no-cot, pause:k=K, coconut:steps=N or colar:steps=N,c=K"
+    usage = "cot, no-cot, assorted, pause:k=K, coconut:steps=N, mirage:steps=N or colar:steps=N,c=K"
     if kind == "colar":
         found = re.fullmatch(r"steps=(\d+),c=(\d+)", knob)
         if found is None or int(found[2]) < 1:
             raise InputError(f"--latent {spec!r}: expected colar:steps=N,c=K, counts with K >= 1")
         return ReasoningMode(kind, int(found[1]), int(found[2]))
-    if kind not in ("cot", "no-cot", *MODE_KNOBS):
+    if kind not in ("cot", "no-cot", "assorted", *MODE_KNOBS):
         raise InputError(f"--latent {spec!r}: unknown reasoning mode (modes: {usage})")
     if kind not in MODE_KNOBS:
         if knob:
@@ -172,7 +178,9 @@ def check_mode(model, tasks: Sequence[Task], mode: ReasoningMode) -> None:
         raise InputError(f"--latent {mode.label}: {others[0]} is no reasoning task ({puzzles})")
     if mode.kind == "pause":
         prompt_suffix(PuzzleFormat("pause", pause=mode.count), model.layout)
-    if mode.kind in ("coconut", "colar"):
+    if mode.kind == "assorted" and CODES_MODALITY not in model.layout.modalities:
+        raise InputError(f"--latent assorted: the model's vocab layout has no {CODES_MODALITY} range")
+    if mode.kind in ("coconut", "mirage", "colar"):
         head = find_latent_head(model)
         if head is None:
             try:
@@ -180,9 +188,10 @@ def check_mode(model, tasks: Sequence[Task], mode: ReasoningMode) -> None:
             except CheckpointError as err:
                 raise CheckpointError(f"--latent {mode.label} needs the model's latent head: {err}") from None
         head.check_steps([mode.count])
+        kind = HEAD_KINDS.get(mode.kind)
+        if kind is not None and not isinstance(head, kind):
+            raise InputError(f"--latent {mode.label} needs a {mode.kind} latent head, the model has a {head.name} head")
         if mode.kind == "colar":
-            if not isinstance(head, ColarHead):
-                raise InputError(f"--latent {mode.label} needs a colar latent head, the model has a {head.name} head")
             head.use(mode.compression)
 
 
@@ -193,6 +202,15 @@ def with_fresh_head(twin, model) -> None:
         attach_latent_head(twin, build_head(head.name, twin, **head.options()))
 
 
+def mode_generator(model, mode: ReasoningMode | None) -> Generator:
+    """The generator that answers in `mode`: assorted's may open a `latent_codes` span, which
+    has no tokenizer to decode it and so is not generatable by default."""
+    generator = Generator(model)
+    if mode is not None and mode.kind == "assorted":
+        generator = Generator(model, (*generator.generatable, CODES_MODALITY))
+    return generator
+
+
 def reason(
     model,
     generator: Generator,
@@ -201,12 +219,14 @@ def reason(
     mode: ReasoningMode | None,
 ) -> tuple[list[GenerationOutput], list[int]]:
     """The replies to `prompts` in `mode` (None: plain decoding), and the tokens each answer cost."""
-    if mode is not None and mode.kind == "coconut":
+    if mode is not None and mode.kind in ("coconut", "mirage"):
         outputs = latent_generate(model, prompts, mode.count, config, generator)
         return list(outputs), [o.generated_tokens for o in outputs]
     if mode is not None and mode.kind == "colar":
         outputs = colar_generate(model, prompts, mode.count, mode.compression, config, generator)
         return list(outputs), [o.generated_tokens for o in outputs]
+    if mode is not None and mode.kind == "assorted":  # the codes span is part of the reply, not its end
+        config = dataclasses.replace(config, stop_after_span=False)
     fed = prompt_suffix(PuzzleFormat("pause", pause=mode.count), model.layout) if mode and mode.kind == "pause" else []
     outputs = generator.generate([[*p, *fed] for p in prompts], config)
     return outputs, [len(fed) + len(o.ids) for o in outputs]

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from mmllm.chat_template import encode_document
 from mmllm.errors import InputError, LayoutError
-from mmllm.evaluation.reasoning import ReasoningMode, check_mode, reason, with_fresh_head
+from mmllm.evaluation.reasoning import ReasoningMode, check_mode, mode_generator, reason, with_fresh_head
 from mmllm.evaluation.tasks import EvalItem, Task, get_task, prompt_text, reply_description
 from mmllm.generation import GenerationConfig, Generator, Guidance, Prompt, decode_replies, encode_prompts
 from mmllm.generation.media_files import save_reply_media
@@ -234,7 +234,7 @@ class _TaskRunner:
 
     def _generate(self, model: MMLLM, efficiency: _Efficiency, desc: str) -> tuple[list[list], list[int]]:
         """The decoded replies, and the tokens each cost (for a puzzle, counted in its reasoning mode)."""
-        generator = Generator(model)
+        generator = mode_generator(model, self.settings.latent) if self.task.reasoning else Generator(model)
         scales = {} if self.task.reasoning else self.settings.guidance  # a puzzle's answer is text
         guidance = Guidance({m: s for m, s in scales.items() if m in generator.generatable})
         replies: list[list] = []

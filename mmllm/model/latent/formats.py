@@ -10,6 +10,8 @@ question (the user turn, images included), its chain-of-thought steps and its an
     coconut   <|bolt|> <|latent|> x m <|eolt|> steps k+1.. n, "answer: X"  (stage k of the curriculum)
     colar     <|bolt|> step 1 \\n ... step n \\n <|eolt|> "answer: X"   (CoLaR: the `colar` objective
               compresses the span's tokens into ceil(len/c) latent slots, c drawn per batch)
+    mirage    <|bolt|> <|latent|> x `latent_steps` <|eolt|> "answer: X"  (Mirage: latent visual tokens, then
+              the answer; the `mirage` objective distils the slots toward the question's image codes)
     assorted  <|begin_latent_codes|> codes of chunks 1..m <|end_latent_codes|> rest of the trace, "answer: X"
               (Token Assorted: a fitted `CotVQVAE` codes the first m chunks of L trace tokens, m drawn
               per example from 0..all chunks (at most `max_chunks`), keyed by `seed` and the puzzle)
@@ -42,8 +44,8 @@ from mmllm.model.latent.assorted import CODES_MODALITY, CotVQVAE, check_codes_fi
 from mmllm.model.latent.curriculum import CoconutCurriculum
 from mmllm.vocab import END_OF_TURN, LATENT_TOKEN, VocabLayout
 
-Kind = Literal["no-cot", "cot", "pause", "coconut", "colar", "assorted"]
-KINDS = ("no-cot", "cot", "pause", "coconut", "colar", "assorted")
+Kind = Literal["no-cot", "cot", "pause", "coconut", "colar", "mirage", "assorted"]
+KINDS = ("no-cot", "cot", "pause", "coconut", "colar", "mirage", "assorted")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class PuzzleFormat:
     kind: Kind = "cot"
     stage: int = 0  # coconut: the curriculum stage (its first steps become latent thoughts)
     pause: int = 0  # pause: filler tokens before the answer
+    latent_steps: int = 0  # mirage: latent visual tokens before the answer
     curriculum: CoconutCurriculum = field(default_factory=CoconutCurriculum)
     vqvae: CotVQVAE | None = field(default=None, compare=False)  # assorted: the fitted chunk VQ-VAE
     max_chunks: int | None = None  # assorted: the most leading chunks replaced by codes (None: all)
@@ -61,6 +64,8 @@ class PuzzleFormat:
             raise ConfigError(f"puzzle format {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.pause < 0 or self.stage < 0:
             raise ConfigError(f"puzzle format {self.kind}: pause and stage must be >= 0")
+        if self.kind == "mirage" and self.latent_steps < 1:
+            raise ConfigError("puzzle format mirage needs latent_steps >= 1 latent visual tokens")
         if self.kind == "assorted" and self.vqvae is None:
             raise ConfigError("puzzle format assorted needs a fitted cot vq-vae (vqvae=...)")
         if self.max_chunks is not None and self.max_chunks < 0:
@@ -74,7 +79,7 @@ def reply_ids(meta: dict[str, Any], fmt: PuzzleFormat, layout: VocabLayout, text
         span, text = assorted_reply(meta, fmt, layout, text_tokenizer)
         return [*span, *text, layout.token_id(END_OF_TURN)], 0
     fed: list[int] = []
-    if fmt.kind in ("no-cot", "pause"):
+    if fmt.kind in ("no-cot", "pause", "mirage"):
         steps = []
     if fmt.kind == "pause":
         fed = pause_ids(layout, fmt.pause)
@@ -82,6 +87,8 @@ def reply_ids(meta: dict[str, Any], fmt: PuzzleFormat, layout: VocabLayout, text
         skipped, thoughts = fmt.curriculum.split(fmt.stage, len(steps))
         steps = steps[skipped:]
         fed = [layout.begin_id("latent"), *[layout.token_id(LATENT_TOKEN)] * thoughts, layout.end_id("latent")]
+    elif fmt.kind == "mirage":
+        fed = [layout.begin_id("latent"), *[layout.token_id(LATENT_TOKEN)] * fmt.latent_steps, layout.end_id("latent")]
     elif fmt.kind == "colar":
         cot = encode_text("".join(f"{step}\n" for step in steps), text_tokenizer) if steps else []
         fed = [layout.begin_id("latent"), *cot, layout.end_id("latent")]
