@@ -44,10 +44,13 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.30",
         "openai>=1.40",
+        # Word error rate of the LibriSpeech benchmark (`mmllm eval --tasks librispeech`).
+        "jiwer>=4.0",
     ],
     extras_require={
-        # pexpect: the chat CLI's tests type into a real pseudo-terminal.
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pexpect>=4.9"],
+        # pexpect: the chat CLI's tests type into a real pseudo-terminal. pycocoevalcap: the reference our
+        # BLEU-4 and CIDEr are tested against (not a runtime dependency: it is a 100 MB install).
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pexpect>=4.9", "pycocoevalcap>=1.2"],
         # flash-attn builds only against CUDA; SDPA is the fallback everywhere else.
         "gpu": ["flash-attn>=2.6"],
     },

@@ -319,7 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", help="comma-separated task names (see --list)")
     evaluate.add_argument("--list", action="store_true", help="list the registered tasks and exit")
     evaluate.add_argument("--out", default="results.json", help="results file; media are saved beside it")
-    evaluate.add_argument("--limit", type=int, help="items per task (default 500)")
+    evaluate.add_argument("--limit", type=int, help="items per task (default: 500 toy items; a benchmark's every row)")
+    evaluate.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="where a standard benchmark's files are, in its official layout, e.g. vqav2=/data/vqav2 (repeatable)",
+    )
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--guidance", default="", metavar="MODALITY=SCALE,...", help="CFG scales, e.g. image=3")
@@ -428,6 +435,17 @@ def parse_scales(spec: str) -> dict[str, float]:
     return scales
 
 
+def parse_data(specs: list[str]) -> dict[str, Path]:
+    """`["vqav2=/data/vqav2", ...]` -> {"vqav2": Path("/data/vqav2"), ...}."""
+    data: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise MMLLMError(f"--data {spec!r}: expected NAME=PATH, e.g. vqav2=/data/vqav2")
+        data[name.strip()] = Path(path.strip()).expanduser()
+    return data
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from mmllm.generation.command import run_generate
 
@@ -498,10 +516,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         guidance=parse_scales(args.guidance),
         untrained=not args.no_untrained,
         latent=parse_mode(args.latent) if args.latent else None,
+        data=parse_data(args.data),
         command=args.command_line,
     )
-    resolve_tasks(settings.tasks, settings.limit)  # unknown tasks and a bad limit fail before the weights load
-    results = evaluate(load_model(args), settings, Path(args.out), model_path=args.model)
+    # Unknown tasks, a bad limit and missing or malformed benchmark files fail before the weights load.
+    tasks = resolve_tasks(settings.tasks, settings.limit, settings.data)
+    results = evaluate(load_model(args), settings, Path(args.out), model_path=args.model, tasks=tasks)
     if args.report:
         write_markdown(results, Path(args.out).parent, Path(args.report))
     print(f"results -> {args.out}")

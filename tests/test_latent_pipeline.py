@@ -391,6 +391,19 @@ def test_a_tiny_assorted_run_fits_its_codes_and_decodes_them(latent_bundle, one_
     assert json.loads(results_path.read_text())["tasks"]["toy-arith"]["mode"] == "assorted"
 
 
+@pytest.mark.parametrize("method", ["colar", "mirage"])
+def test_every_head_trains_under_lora_and_merges_with_its_head(latent_bundle, one_rank, tmp_path, method):
+    lora = {"run.finetune.method": "lora", "run.finetune.lora": {"r": 2, "alpha": 4}}
+    if method == "mirage":
+        path = mirage_yaml(tmp_path / "m.yaml", latent_bundle, **lora)
+    else:
+        path = colar_yaml(tmp_path / "c.yaml", latent_bundle, **lora)
+    summary = train_latent(load_latent_train_config(path), progress=False)
+    last = tmp_path / "out" / f"stage-{summary['stages'][-1]['stage']}"
+    assert (last / "adapter" / LATENT_HEAD_FILE).is_file()  # saved beside the adapter
+    assert load_latent_head(MMLLM.from_pretrained(last / "model")).name == method  # merge-lora carried it
+
+
 def test_mirage_and_assorted_refuse_what_they_cannot_run_in_one_line(latent_bundle, base, toy_model, tmp_path):
     path = mirage_yaml(tmp_path / "m.yaml", latent_bundle)
     for overrides, message in (

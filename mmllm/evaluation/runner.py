@@ -2,6 +2,7 @@
 
     mmllm eval --model DIR [--adapter DIR] --tasks toy-caption,toy-draw --out results.json [--limit N]
     mmllm eval --model DIR --tasks toy-prosqa,toy-arith,toy-visual-count --latent coconut:steps=6
+    mmllm eval --model DIR --tasks vqav2,pope --data vqav2=/data/vqav2 --data pope=/data/pope
 
 For each task the runner makes the task's held-out items, encodes their prompts (media through
 the model's tokenizers), generates the replies in batches with the same `Generator` that chat
@@ -14,10 +15,12 @@ model it scores two reference rows, as every eval report must show:
 
 Everything that can be refused is refused before inference starts: an unknown task, a model
 without the modality a task reads or writes, an encode-only tokenizer asked to generate, a
-limit below 1, and what the reasoning mode cannot run (reasoning.py). results.json records
-per-task metrics and per-sample outputs, the checkpoint's hash, package versions, seed and
-command line, and efficiency (prefill latency, decode tokens/s, peak memory); a few generated
-media per task are saved beside it.
+limit below 1, what the reasoning mode cannot run (reasoning.py), and a standard benchmark
+(`mmllm.evaluation.benchmarks`) without its `--data`, or whose files are missing or laid out
+wrongly. A benchmark's malformed rows are skipped, and counted in its entry ("skipped").
+results.json records per-task metrics and per-sample outputs, the checkpoint's hash, package
+versions, seed and command line, and efficiency (prefill latency, decode tokens/s, peak
+memory); a few generated media per task are saved beside it.
 
 The reasoning puzzles (`toy-prosqa`, `toy-arith`, `toy-visual-count`) are answered in the
 settings' reasoning mode (`--latent`: chain of thought, no CoT, pause tokens or Coconut's
@@ -47,7 +50,7 @@ from tqdm import tqdm
 from mmllm.chat_template import encode_document
 from mmllm.errors import InputError, LayoutError
 from mmllm.evaluation.reasoning import ReasoningMode, check_mode, mode_generator, reason, with_fresh_head
-from mmllm.evaluation.tasks import EvalItem, Task, get_task, prompt_text, reply_description
+from mmllm.evaluation.tasks import EvalItem, Task, get_task, prompt_text, read_prompt_media, reply_description
 from mmllm.generation import GenerationConfig, Generator, Guidance, Prompt, decode_replies, encode_prompts
 from mmllm.generation.media_files import save_reply_media
 from mmllm.generation.sampling import SamplingParams
@@ -56,6 +59,7 @@ from mmllm.model.mmllm import MMLLM
 
 RESULTS_FORMAT = "mmllm.eval_results"
 PACKAGES = ("torch", "transformers", "deepspeed", "peft", "numpy", "safetensors")
+SKIPPED_REASONS = 10  # reasons of skipped benchmark rows kept in results.json: enough to see the pattern
 
 
 @dataclass
@@ -71,21 +75,40 @@ class EvalSettings:
     latent: ReasoningMode | None = None  # how the reasoning puzzles are answered (None: plain decoding)
     media_per_task: int = 16  # generated media files saved per task (all samples' text is kept)
     progress: bool = True
+    data: dict[str, Path] = field(default_factory=dict)  # benchmark task -> its files (--data NAME=PATH)
     command: list[str] = field(default_factory=lambda: list(sys.argv))  # the command line, for provenance
 
 
-def resolve_tasks(names: Sequence[str], limit: int | None) -> list[Task]:
-    """The named tasks; a one-line error for an unknown one or a limit below 1 (no model needed)."""
+def resolve_tasks(names: Sequence[str], limit: int | None, data: dict[str, Path] | None = None) -> list[Task]:
+    """The named tasks, benchmarks with their files read; a one-line error for an unknown task, a limit below 1,
+    a benchmark without its --data, or a missing file or wrong layout (no model needed)."""
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
     if not names:
         raise InputError("no tasks given (see `mmllm eval --list`)")
-    return [get_task(name) for name in names]
+    data = data or {}
+    for name in data:
+        if name not in names:
+            raise InputError(f"--data {name}=...: {name} is not among the tasks ({', '.join(names)})")
+    tasks = []
+    for task in (get_task(name) for name in names):
+        if task.needs_data and task.name not in data:
+            raise InputError(f"task {task.name} reads local files: pass --data {task.name}=PATH")
+        if task.name in data:
+            task = task.with_data(Path(data[task.name]))
+        tasks.append(task)
+    return tasks
 
 
-def check_tasks(model: MMLLM, names: Sequence[str], limit: int | None) -> list[Task]:
+def check_tasks(
+    model: MMLLM, names: Sequence[str], limit: int | None, data: dict[str, Path] | None = None
+) -> list[Task]:
     """The tasks, or a one-line error for the first thing that would fail after inference began."""
-    tasks = resolve_tasks(names, limit)
+    return check_model(model, resolve_tasks(names, limit, data))
+
+
+def check_model(model: MMLLM, tasks: list[Task]) -> list[Task]:
+    """`tasks`, or a one-line error when the model cannot read or write what one of them needs."""
     if model.layout is None:
         raise LayoutError("the model has no vocab layout; eval needs one (vocab_layout.json)")
     for task in tasks:
@@ -102,9 +125,12 @@ def check_tasks(model: MMLLM, names: Sequence[str], limit: int | None) -> list[T
     return tasks
 
 
-def evaluate(model: MMLLM, settings: EvalSettings, out: Path, model_path: str | None = None) -> dict[str, Any]:
-    """Run every task; write `out` (results.json) and media beside it; return the results."""
-    tasks = check_tasks(model, settings.tasks, settings.limit)
+def evaluate(
+    model: MMLLM, settings: EvalSettings, out: Path, model_path: str | None = None, tasks: list[Task] | None = None
+) -> dict[str, Any]:
+    """Run every task; write `out` (results.json) and media beside it; return the results. `tasks` are
+    `settings.tasks` already resolved (`resolve_tasks`), so that benchmark files are read once."""
+    tasks = check_model(model, tasks or resolve_tasks(settings.tasks, settings.limit, settings.data))
     if settings.latent is not None:
         check_mode(model, tasks, settings.latent)
     out = Path(out)
@@ -124,12 +150,13 @@ def evaluate(model: MMLLM, settings: EvalSettings, out: Path, model_path: str | 
             "guidance": settings.guidance,
             "sampling": settings.sampling.__dict__,
             "latent": settings.latent.label if settings.latent is not None else None,
+            "data": {name: str(path) for name, path in settings.data.items()},
         },
         "tasks": {},
     }
     totals = _Efficiency()
     for task in tasks:
-        n = settings.limit or settings.default_items
+        n = settings.limit or task.size or settings.default_items
         items = task.items(n, settings.seed)
         runner = _TaskRunner(task, items, settings, out.parent)
         entry = runner.run(model, totals)
@@ -199,6 +226,8 @@ class _TaskRunner:
                 }
             )
         entry = {"mode": self._mode_label()} if self.task.reasoning else {}
+        if self.task.needs_data:
+            entry |= {"skipped": len(self.task.skipped), "skipped_reasons": list(self.task.skipped[:SKIPPED_REASONS])}
         return {
             **entry,
             "metric": self.task.metric,
@@ -243,7 +272,9 @@ class _TaskRunner:
         with tqdm(total=len(self.items), desc=desc, unit="item", disable=not self.settings.progress) as bar:
             for start in range(0, len(self.items), batch):
                 chunk = self.items[start : start + batch]
-                prompts = encode_prompts(model, [Prompt(i.prompt, i.prompt_kind, i.reply_modality) for i in chunk])
+                prompts = encode_prompts(
+                    model, [Prompt(read_prompt_media(i), i.prompt_kind, i.reply_modality) for i in chunk]
+                )
                 config = GenerationConfig(
                     max_new_tokens=max(i.max_new_tokens for i in chunk),
                     default=self.settings.sampling,
@@ -362,4 +393,5 @@ def _print_row(task: Task, entry: dict[str, Any]) -> None:
     refs = ", ".join(f"{name} {ref.get(task.metric, float('nan')):.4g}" for name, ref in entry["references"].items())
     tokens = entry["metrics"].get("generated_tokens")
     spent = f"; {tokens:.1f} tokens per answer ({entry['mode']})" if tokens is not None else ""
-    print(f"[eval] {task.name}: {task.metric} {value:.4g} ({refs}){spent}; n={entry['n']}", flush=True)
+    skipped = f"; {entry['skipped']} malformed rows skipped" if entry.get("skipped") else ""
+    print(f"[eval] {task.name}: {task.metric} {value:.4g} ({refs}){spent}; n={entry['n']}{skipped}", flush=True)

@@ -8,17 +8,23 @@ reference row every report shows. The runner generates the replies; tasks never 
 Prompts carry media as arrays, in the conventions of `mmllm.data.media`:
 {"type": "image", "array": uint8 (H, W, 3)}, {"type": "audio", "array": float32, "sample_rate": int},
 {"type": "video", "array": uint8 (T, H, W, 3)}, {"type": "action", "array": float32 (steps, 2)},
-and text as {"type": "text", "text": str}.
+and text as {"type": "text", "text": str}. A benchmark read from files (`mmllm.evaluation.benchmarks`) gives
+each medium as its file, {"type": "image", "path": str}, or as a file's bytes, {"type": "image", "data": bytes,
+"format": "jpg"}; `read_prompt_media` reads them when their batch is encoded, so a long run holds the pixels
+of one batch at a time. Such a task `needs_data`: `with_data(PATH)` reads its files (`--data NAME=PATH`).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmllm.data.media import DEFAULT_AUDIO_RATE, decode_media, read_media
 from mmllm.errors import InputError
 from mmllm.evaluation.metrics import mean_per_key
 from mmllm.generation.prompts import OutputPart
@@ -53,15 +59,23 @@ class Task:
     metric: str = "accuracy"
     higher_is_better: bool = True
     reasoning: bool = False  # a puzzle: answered in the eval's reasoning mode, its tokens per answer counted
+    needs_data: bool = False  # a benchmark read from local files: the runner calls `with_data` before inference
+    size: int | None = None  # rows of a benchmark whose files were read: scored in full unless --limit says less
+    skipped: Sequence[str] = ()  # one line per malformed benchmark row left out, reported beside the metrics
 
     def items(self, n: int, seed: int) -> list[EvalItem]:
         raise NotImplementedError
+
+    def with_data(self, path: Path) -> Task:
+        """This task with its rows read from `path`; a one-line InputError for a missing file or a wrong layout."""
+        raise InputError(f"task {self.name} reads no files")
 
     def score(self, item: EvalItem, reply: list[ReplyPart]) -> dict[str, float]:
         raise NotImplementedError
 
     def aggregate(self, scores: list[dict[str, float]]) -> dict[str, float]:
-        """Mean of every key over the samples that have it, with the primary metric's standard error."""
+        """Mean of every key over the samples that have it, with the primary metric's standard error.
+        The runner passes the scores in item order, so a task may group consecutive items."""
         return mean_per_key(scores, stderr_of=(self.metric,))
 
     def chance_reply(self, item: EvalItem, rng: random.Random) -> list[ReplyPart]:
@@ -83,6 +97,7 @@ def register_task(task: Task) -> Task:
 
 
 def _load_builtin_tasks() -> None:
+    import mmllm.evaluation.benchmarks  # registers the standard benchmarks on import
     import mmllm.evaluation.reasoning  # noqa: F401  (registers the toy-world tasks, puzzles included, on import)
 
 
@@ -113,10 +128,38 @@ def reply_media(reply: list[ReplyPart], modality: str) -> ReplyPart | None:
     return next((part for part in reply if part.kind == modality and part.media is not None), None)
 
 
+def read_prompt_media(item: EvalItem) -> list[dict]:
+    """The item's prompt with each medium given as a file ("path") or a file's bytes ("data") read into its "array"."""
+    if item.prompt_kind == "document":
+        return [_read_part(part, item.id) for part in item.prompt]
+    messages = []
+    for message in item.prompt:
+        content = message.get("content", [])
+        if isinstance(content, list):
+            content = [_read_part(part, item.id) for part in content]
+        messages.append({**message, "content": content})
+    return messages
+
+
+def _read_part(part: dict[str, Any], item_id: str) -> dict[str, Any]:
+    kind = part["type"]
+    if "path" in part:
+        array = read_media(kind, part["path"])
+    elif "data" in part:
+        array = decode_media(kind, part["data"], part["format"], where=f"{item_id} ({kind})")
+    else:
+        return part
+    return {"type": kind, "array": array, **({"sample_rate": DEFAULT_AUDIO_RATE} if kind == "audio" else {})}
+
+
 def _describe_part(part: dict[str, Any]) -> str:
     kind = part.get("type", "?")
     if kind == "text":
         return str(part.get("text", ""))
+    if "path" in part:
+        return f"<{kind} {Path(part['path']).name}>"
+    if "data" in part:
+        return f"<{kind} {len(part['data'])} bytes>"
     array = part.get("array")
     shape = "x".join(str(d) for d in np.shape(array)) if array is not None else "?"
     return f"<{kind} {shape}>"
