@@ -12,7 +12,9 @@
 
 The reply modality of a chat request is, in order: `mmllm.reply_modality`; the one non-text
 entry of OpenAI's `modalities` (["text", "audio"] asks for audio; ["text"] forbids media
-altogether); else the last user message's words (`mmllm.serving.intent`). A media reply opens
+altogether); else the last user message's words (`mmllm.serving.intent`), or text only (as
+`modalities: ["text"]`) when the server runs with `--text-replies`, as OpenAI does: eval
+harnesses ask "Is this a picture of a dog?" and never set `modalities`. A media reply opens
 with that modality's begin token and ends when its span closes. See schema.py for where media
 come back in a reply.
 
@@ -144,7 +146,13 @@ class Service:
     """Turns API requests into worker jobs and results into API responses."""
 
     def __init__(
-        self, model, worker: BatchingWorker, limits: ServerLimits, model_name: str, policy: media.MediaPolicy
+        self,
+        model,
+        worker: BatchingWorker,
+        limits: ServerLimits,
+        model_name: str,
+        policy: media.MediaPolicy,
+        text_replies: bool = False,
     ) -> None:
         self.model = model
         self.layout = model.layout
@@ -153,6 +161,7 @@ class Service:
         self.limits = limits
         self.model_name = model_name
         self.policy = policy
+        self.text_replies = text_replies  # True: a request that names no reply modality gets text only
         self.generatable = Generator(model).generatable
         self.created = int(time.time())
         self._token_strings: dict[int, str] = {}
@@ -283,6 +292,8 @@ class Service:
             if len(allowed) > 1:
                 raise _bad("modalities lists several media; choose the reply's with mmllm.reply_modality", "modalities")
             return (allowed[0] if allowed else "text"), allowed
+        if self.text_replies:
+            return "text", ()
         return reply_modality(_last_user_text(request), self.generatable), None
 
     def _chat_messages(self, request: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -885,15 +896,20 @@ class BodyLimit:
 
 
 def create_app(
-    model, limits: ServerLimits | None = None, model_name: str = "mmllm", allow_local_media: bool = False
+    model,
+    limits: ServerLimits | None = None,
+    model_name: str = "mmllm",
+    allow_local_media: bool = False,
+    text_replies: bool = False,
 ) -> FastAPI:
-    """The API serving `model` (an MMLLM with a vocab layout) under the name `model_name`."""
+    """The API serving `model` (an MMLLM with a vocab layout) under the name `model_name`;
+    `text_replies=True` replies in text only unless a request names its reply's modality."""
     if getattr(model, "layout", None) is None:
         raise ConfigError("serving needs a model with a vocab layout (vocab_layout.json)")
     limits = limits or ServerLimits()
     worker = BatchingWorker(model, limits.max_batch, limits.max_queue)
     policy = media.MediaPolicy(allow_local=allow_local_media, max_bytes=limits.max_body_bytes)
-    service = Service(model, worker, limits, model_name, policy)
+    service = Service(model, worker, limits, model_name, policy, text_replies)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

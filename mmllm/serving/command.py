@@ -33,6 +33,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let requests name local files (file:// URLs or paths) as media; remote URLs are always refused",
     )
+    parser.add_argument(
+        "--text-replies",
+        action="store_true",
+        help="reply in text only unless a request's modalities or mmllm.reply_modality asks for media, as OpenAI "
+        "does (for eval harnesses: a question with 'picture of' or 'say' in it is not a request to draw or speak)",
+    )
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most new tokens per request")
     parser.add_argument(
         "--max-body-mb", type=float, default=defaults.max_body_bytes / MIB, help="largest request body, in MiB"
@@ -60,6 +66,8 @@ def run_serve(args: argparse.Namespace) -> None:
     )
     model = load_model(args)
     name = args.model_name or Path(args.model).resolve().name
-    app = create_app(model, limits, model_name=name, allow_local_media=args.allow_local_media)
+    app = create_app(
+        model, limits, model_name=name, allow_local_media=args.allow_local_media, text_replies=args.text_replies
+    )
     logger.info("serving %s as %r on http://%s:%d/v1", args.model, name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -12,7 +12,8 @@ The keyword that occurs first in the text wins, among the modalities in `availab
 the model can generate); with no match the reply is "text". The toy world's instructions fit
 them: "Draw a red circle.", "Say: ...", "Animate ...", "move to the blue square". They are a
 heuristic: a client that knows what it wants sets OpenAI's `modalities` or our
-`mmllm.reply_modality` field, and then these rules are not consulted.
+`mmllm.reply_modality` field, and then these rules are not consulted; nor are they when the
+server runs with `--text-replies` (for eval harnesses, whose questions say "picture of").
 """
 
 from __future__ import annotations
