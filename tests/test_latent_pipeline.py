@@ -275,8 +275,9 @@ def test_the_shipped_configs_train_one_method_each_within_the_budget():
     }
     # The baselines train a fresh model for the same steps; the heads start from the chain-of-thought model
     # (Coconut's stage 0) and train at most as many steps again; Mirage trains a fresh model on its own task.
-    assert {starts[n] for n in ("toy_cot", "toy_nocot", "toy_pause", "toy_mirage")} == {"configs/model/toy.yaml"}
+    assert {starts[n] for n in ("toy_cot", "toy_nocot", "toy_pause")} == {"configs/model/reasoning.yaml"}
     assert {starts[n] for n in ("toy_coconut", "toy_colar", "toy_assorted")} == {"runs/latent/cot/model"}
+    assert starts["toy_mirage"] == "configs/model/toy.yaml"
     assert steps["toy_cot"] == steps["toy_nocot"] == steps["toy_pause"]
     assert max(steps[n] for n in ("toy_coconut", "toy_colar", "toy_assorted")) <= steps["toy_cot"]
 
@@ -432,27 +433,12 @@ def test_mirage_and_assorted_refuse_what_they_cannot_run_in_one_line(latent_bund
 
 def colar_yaml(path: Path, base: Path, **overrides) -> Path:
     """A tiny CoLaR run: toy-arith's chains of thought (41-53 tokens) compressed 2-fold, 2 steps."""
-    config = {
-        "method": "colar",
-        "steps": 2,
-        "puzzles": {"tasks": ["toy-arith"], "items": 3},
-        "out": str(path.parent / "out"),
-        "ranks": 1,
-        "run": {
-            "finetune": {
-                "base_model": str(base),
-                "method": "full",
-                "latent_head": {"kind": "colar", "compression_factors": [2], "max_latent_steps": 32},
-            },
-            "objectives": ["colar"],
-            "data": {"packing": {"seq_len": 512, "condition_dropout": 0.0}},
-            "optim": {"lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.0},
-            "micro_batch_size": 2,
-            "log_every": 1,
-            "threads": 1,
-        },
+    overrides = {
+        "run.finetune.latent_head": {"kind": "colar", "compression_factors": [2], "max_latent_steps": 32},
+        "run.objectives": ["colar"],
+        **overrides,
     }
-    return write_yaml(path, config, overrides)
+    return method_yaml(path, "colar", {"base_model": str(base)}, ["toy-arith"], **overrides)
 
 
 def test_a_tiny_colar_run_trains_the_head_and_eval_decodes_through_it(base, one_rank, tmp_path):

@@ -172,6 +172,19 @@ def test_prosqa_answers_and_traces_are_right_and_balanced():
         toy_tasks.prosqa(rng, hops=20, distractors=5)
 
 
+def test_the_prosqa_drill_spans_every_difficulty_up_to_the_eval_puzzles():
+    seen = set()
+    for i in range(300):
+        meta = toy_tasks.generate("toy-prosqa-drill", i, seed=0).record["meta"]
+        target, reachable, _ = _reachable_in_text(meta["question"])
+        assert meta["answer"] == ("yes" if target in reachable else "no")
+        seen.add((meta["hops"], meta["distractors"]))
+    defaults = toy_tasks.PROSQA_DEFAULTS
+    assert {hops for hops, _ in seen} == set(range(1, defaults["hops"] + 1))
+    assert {extra for _, extra in seen} == set(range(defaults["distractors"] + 1))
+    assert "toy-prosqa-drill" not in toy_tasks.WORLD_TASKS  # written only when asked for
+
+
 ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
 

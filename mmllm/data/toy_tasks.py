@@ -482,6 +482,15 @@ def toy_prosqa(rng: random.Random, media: MediaSink) -> Record:
     return _puzzle_record(puzzle, [text(puzzle.question)])
 
 
+def toy_prosqa_drill(rng: random.Random, media: MediaSink) -> Record:
+    """toy-prosqa at every difficulty up to the eval's: 1..4 hops among 0..6 distractors. A model
+    trained from scratch on the full puzzles alone never learns to look a rule up in the question
+    (README, "Latent reasoning"); the small ones teach it, the full ones use it."""
+    hops = rng.randint(1, PROSQA_DEFAULTS["hops"])
+    puzzle = prosqa(rng, hops, rng.randint(0, PROSQA_DEFAULTS["distractors"]))
+    return _puzzle_record(puzzle, [text(puzzle.question)])
+
+
 def toy_arith(rng: random.Random, media: MediaSink) -> Record:
     puzzle = arithmetic(rng, **ARITH_DEFAULTS)
     return _puzzle_record(puzzle, [text(puzzle.question)])
@@ -508,10 +517,12 @@ TASKS: dict[str, Callable[[random.Random, MediaSink], Record]] = {
     "toy-visual-count": toy_visual_count,
     "toy-vqa-multi": toy_vqa_multi,
     "toy-vqa-multi-drill": toy_vqa_multi_drill,
+    "toy-prosqa-drill": toy_prosqa_drill,
 }
 # Written unless asked for: the reducer benchmark's workload and its training drill are only
-# wanted by the model trained for that benchmark (README, "Visual-token reducers").
-WORKLOAD_TASKS = ("toy-vqa-multi", "toy-vqa-multi-drill")
+# wanted by the model trained for that benchmark (README, "Visual-token reducers"), and the
+# ProsQA drill by the latent-reasoning runs (README, "Latent reasoning").
+WORKLOAD_TASKS = ("toy-vqa-multi", "toy-vqa-multi-drill", "toy-prosqa-drill")
 WORLD_TASKS = tuple(task for task in TASKS if task not in WORKLOAD_TASKS)
 
 

@@ -164,6 +164,21 @@ class BenchmarkTask(Task):
         raise NotImplementedError
 
 
+def image_question(
+    item_id: str, image: Path, text: str, meta: dict[str, Any], reference: str, max_tokens: int = SHORT_ANSWER_TOKENS
+) -> EvalItem:
+    """An item asking `text` about `image`, answered in text (by default in a word or phrase)."""
+    return EvalItem(
+        id=item_id,
+        prompt=ask_about_image(image, text),
+        prompt_kind="chat",
+        reply_modality="text",
+        max_new_tokens=max_tokens,
+        meta=meta,
+        reference=reference,
+    )
+
+
 def ask_about_image(image: Path, text: str) -> list[dict[str, Any]]:
     """A one-turn chat with the image first, then the text (LLaVA's `<image>\\n{question}` order)."""
     return [{"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": text}]}]

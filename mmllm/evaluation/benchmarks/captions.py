@@ -44,9 +44,9 @@ from pathlib import Path
 from mmllm.evaluation.benchmarks.base import (
     BenchmarkTask,
     MalformedRow,
-    ask_about_image,
     existing_file,
     field,
+    image_question,
     keep_wellformed,
     layout_value,
     read_json,
@@ -202,17 +202,8 @@ class CocoCaptionTask(BenchmarkTask):
         return items
 
     def row_items(self, row: CaptionedImage) -> list[EvalItem]:
-        return [
-            EvalItem(
-                id=f"{self.name}-{row.id}",
-                prompt=ask_about_image(row.image, CAPTION_PROMPT),
-                prompt_kind="chat",
-                reply_modality="text",
-                max_new_tokens=CAPTION_TOKENS,
-                meta={"captions": list(row.captions)},
-                reference=row.captions[0],
-            )
-        ]
+        meta, reference = {"captions": list(row.captions)}, row.captions[0]
+        return [image_question(f"{self.name}-{row.id}", row.image, CAPTION_PROMPT, meta, reference, CAPTION_TOKENS)]
 
     def score(self, item: EvalItem, reply: list[ReplyPart]) -> dict[str, float]:
         hypothesis = caption_tokens(reply_text(reply))

@@ -42,12 +42,11 @@ from pathlib import Path
 
 from mmllm.evaluation.benchmarks.base import (
     SHORT_ANSWER,
-    SHORT_ANSWER_TOKENS,
     BenchmarkTask,
     MalformedRow,
-    ask_about_image,
     existing_file,
     field,
+    image_question,
     keep_wellformed,
     layout_value,
     most_common,
@@ -191,17 +190,9 @@ class VQATask(BenchmarkTask):
     """An open question about an image, answered in a word or phrase; the chance row always says the top answer."""
 
     def row_items(self, row: Question) -> list[EvalItem]:
-        return [
-            EvalItem(
-                id=f"{self.name}-{row.id}",
-                prompt=ask_about_image(row.image, f"{row.question}\n{SHORT_ANSWER}"),
-                prompt_kind="chat",
-                reply_modality="text",
-                max_new_tokens=SHORT_ANSWER_TOKENS,
-                meta={"answers": list(row.answers), "answer_type": row.answer_type},
-                reference=most_common(row.answers),
-            )
-        ]
+        meta = {"answers": list(row.answers), "answer_type": row.answer_type}
+        text = f"{row.question}\n{SHORT_ANSWER}"
+        return [image_question(f"{self.name}-{row.id}", row.image, text, meta, most_common(row.answers))]
 
     @functools.cached_property
     def top_answer(self) -> str:

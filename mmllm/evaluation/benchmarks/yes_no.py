@@ -39,13 +39,12 @@ from pathlib import Path
 from mmllm.errors import InputError
 from mmllm.evaluation.benchmarks.base import (
     SHORT_ANSWER,
-    SHORT_ANSWER_TOKENS,
     BenchmarkTask,
     MalformedRow,
-    ask_about_image,
     existing_file,
     field,
     image_by_stem,
+    image_question,
     keep_wellformed,
     most_common,
     require_dir,
@@ -135,17 +134,8 @@ class PopeTask(BenchmarkTask):
         )
 
     def row_items(self, row: PopeQuestion) -> list[EvalItem]:
-        return [
-            EvalItem(
-                id=f"{self.name}-{row.id}",
-                prompt=ask_about_image(row.image, f"{row.question}\n{SHORT_ANSWER}"),
-                prompt_kind="chat",
-                reply_modality="text",
-                max_new_tokens=SHORT_ANSWER_TOKENS,
-                meta={"label": row.label, "split": row.split},
-                reference=row.label,
-            )
-        ]
+        meta = {"label": row.label, "split": row.split}
+        return [image_question(f"{self.name}-{row.id}", row.image, f"{row.question}\n{SHORT_ANSWER}", meta, row.label)]
 
     def score(self, item: EvalItem, reply: list[ReplyPart]) -> dict[str, float]:
         said_yes = float(pope_answer(reply_text(reply)) == "yes")
@@ -264,14 +254,12 @@ class MMETask(BenchmarkTask):
 
     def row_items(self, row: MMEImage) -> list[EvalItem]:
         return [
-            EvalItem(
-                id=f"{self.name}-{row.subtask}-{row.image.stem}-q{k}",
-                prompt=ask_about_image(row.image, f"{question.replace(MME_ASKS_YES_NO, '').strip()}\n{SHORT_ANSWER}"),
-                prompt_kind="chat",
-                reply_modality="text",
-                max_new_tokens=SHORT_ANSWER_TOKENS,
-                meta={"answer": answer, "subtask": row.subtask},
-                reference=answer,
+            image_question(
+                f"{self.name}-{row.subtask}-{row.image.stem}-q{k}",
+                row.image,
+                f"{question.replace(MME_ASKS_YES_NO, '').strip()}\n{SHORT_ANSWER}",
+                {"answer": answer, "subtask": row.subtask},
+                answer,
             )
             for k, (question, answer) in enumerate(row.questions)
         ]

@@ -63,6 +63,7 @@ from mmllm.model.latent.formats import Kind, PuzzleFormat, reply_ids, write_puzz
 logger = logging.getLogger(__name__)
 
 REASONING_TASKS = ("toy-prosqa", "toy-arith", "toy-visual-count")  # the toy world's puzzles (TOYWORLD.md)
+TRAINING_PUZZLES = (*REASONING_TASKS, "toy-prosqa-drill")  # and toy-prosqa at every difficulty, to train on
 HEADED = ("coconut", "colar", "mirage")  # the methods that train a latent head of their name
 MIRAGE_STAGES = (1, 2)  # Mirage: distillation toward the image codes, then text-only supervision
 VQVAE_FILE = "cot_vqvae.safetensors"  # assorted: the chunk VQ-VAE whose codes the model writes
@@ -117,8 +118,8 @@ class LatentTrainConfig:
                 raise ConfigError(f"latent-train config: {name} must be at least 1, got {getattr(self, name)}")
         if self.puzzles.items < 1:
             raise ConfigError(f"latent-train config: puzzles.items must be at least 1, got {self.puzzles.items}")
-        if not self.puzzles.tasks or any(t not in REASONING_TASKS for t in self.puzzles.tasks):
-            raise ConfigError(f"latent-train config: puzzles.tasks: name toy puzzles ({', '.join(REASONING_TASKS)})")
+        if not self.puzzles.tasks or any(t not in TRAINING_PUZZLES for t in self.puzzles.tasks):
+            raise ConfigError(f"latent-train config: puzzles.tasks: name toy puzzles ({', '.join(TRAINING_PUZZLES)})")
         if self.method == "pause" and self.pause < 1:
             raise ConfigError("latent-train config: method pause needs pause >= 1 filler tokens")
         if self.method == "coconut" and not 0 <= self.first_stage <= self.curriculum.final_stage:
