@@ -405,7 +405,10 @@ def test_image_grid_and_markdown(tmp_path):
     with Image.open(tmp_path / "two.png") as two:
         assert two.size == (2 * report.CELL_WIDTH, report.CELL_HEIGHT)
 
+    figures = {"prefill_latency_ms": 12.34, "decode_tokens_per_s": 1234.5, "peak_memory_mb": 512.0}
+    results["efficiency"] = results["tasks"]["toy-draw"]["efficiency"] = figures
     md = report.write_markdown(results, tmp_path, tmp_path / "report" / "eval.md")
     text = md.read_text(encoding="utf-8")
+    assert "| toy-draw | 12.3 | 1,234 | 512 |" in text and "| all tasks | 12.3 | 1,234 | 512 |" in text
     assert "| toy-draw | accuracy ↑ | 87.5% ± 5.0 |" in text and "abc123" in text
     assert "](eval_images.png)" in text and (tmp_path / "report" / "eval_images.png").is_file()

@@ -209,8 +209,25 @@ def image_grid(
     return out_png
 
 
+def efficiency_table(results: dict[str, Any]) -> str:
+    """A markdown table of each task's prefill latency (median per batch), decode tokens/s and peak
+    memory, and the run's overall row; "" for results without efficiency figures."""
+    rows = [(name, entry.get("efficiency")) for name, entry in results.get("tasks", {}).items()]
+    rows = [(name, figures) for name, figures in [*rows, ("all tasks", results.get("efficiency"))] if figures]
+    if not rows:
+        return ""
+    lines = ["| task | prefill ms (median) | decode tokens/s | peak memory MB |", "|---|---:|---:|---:|"]
+    for name, figures in rows:
+        lines.append(
+            f"| {name} | {figures['prefill_latency_ms']:.1f} | {figures['decode_tokens_per_s']:,.0f} "
+            f"| {figures['peak_memory_mb']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def write_markdown(results: dict[str, Any], results_dir: Path, out_md: Path) -> Path:
-    """`out_md`: the model, seed and command, the results table, and the image grid (written beside it) if any."""
+    """`out_md`: the model, seed and command, the results table, the efficiency table, and the image grid
+    (written beside it) if any."""
     out_md = Path(out_md)
     model = results.get("model", {})
     lines = [f"# Evaluation of {model.get('path', 'a model')}", ""]
@@ -221,6 +238,9 @@ def write_markdown(results: dict[str, Any], results_dir: Path, out_md: Path) -> 
     if results.get("command"):
         lines.append(f"- command: `{' '.join(str(arg) for arg in results['command'])}`")
     lines += ["", results_table(results), ""]
+    efficiency = efficiency_table(results)
+    if efficiency:
+        lines += ["## Efficiency", "", efficiency, ""]
     grid = image_grid(results, Path(results_dir), out_md.with_name(f"{out_md.stem}_images.png"))
     if grid is not None:
         lines += ["## Generated images", "", f"![generated images and their prompts]({grid.name})", ""]
