@@ -413,6 +413,7 @@ def test_mirage_and_assorted_refuse_what_they_cannot_run_in_one_line(latent_bund
         (["run.finetune.latent_head.stage=2"], "remove run.finetune.latent_head.stage"),
         ([f"run.finetune.base_model={base}"], "from run.finetune.base_model .* or from_scratch"),
         (["vocab="], "from_scratch needs vocab"),
+        (["from_scratch=configs/model/missing.yaml"], "from_scratch configs/model/missing.yaml: no such model YAML"),
     ):
         with pytest.raises(ConfigError, match=message) as error:
             load_latent_train_config(path, overrides)

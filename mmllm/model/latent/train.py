@@ -137,6 +137,8 @@ class LatentTrainConfig:
             )
         if self.from_scratch and not self.vocab:
             raise ConfigError("latent-train config: from_scratch needs vocab, the tokenizer bundle to build it for")
+        if self.from_scratch and not Path(self.from_scratch).is_file():
+            raise ConfigError(f"latent-train config: from_scratch {self.from_scratch}: no such model YAML")
         run = copy.deepcopy(self.run)
         run.setdefault("finetune", {})["base_model"] = base or "scratch"  # checked whole per stage, with its path
         settings = from_dict(FinetuneRunConfig, run, "latent-train config: run").finetune  # keys and types
