@@ -331,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--guidance", default="", metavar="MODALITY=SCALE,...", help="CFG scales, e.g. image=3")
     evaluate.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        metavar="[MODALITY:]KEY=V,...",
+        help="default greedy; e.g. image:temperature=1,top_k=10 samples drawn images (seeded; repeatable)",
+    )
+    evaluate.add_argument(
         "--latent",
         metavar="MODE",
         help="how the reasoning puzzles are answered: cot (default), no-cot, assorted, pause:k=K, coconut:steps=N, "
@@ -348,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the end-to-end pipeline on the toy world")
     demo.add_argument("--out", default="demo_out", help="output dir (report.md, model/)")
-    demo.add_argument("--fast", action="store_true", help="smaller settings, for a quick check")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--fast", action="store_true", help="every stage shrunk to about 3 minutes; no quality floors")
+    size.add_argument("--full", action="store_true", help="longer training and the ambitious quality floors")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=cmd_demo)
     return parser
@@ -493,6 +502,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mmllm.evaluation.report import reasoning_table, write_markdown
     from mmllm.evaluation.runner import EvalSettings, evaluate, resolve_tasks
     from mmllm.evaluation.tasks import list_tasks
+    from mmllm.generation.command import sampling_settings
 
     if args.list:
         for task in list_tasks():
@@ -508,12 +518,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     if not args.model or not args.tasks:
         raise MMLLMError("eval needs --model and --tasks (or --list, or --compare)")
+    default_sampling, sampling_by_modality = sampling_settings(args.sampling)
     settings = EvalSettings(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
         limit=args.limit,
         seed=args.seed,
         batch_size=args.batch_size,
         guidance=parse_scales(args.guidance),
+        sampling=default_sampling,
+        sampling_by_modality=sampling_by_modality,
         untrained=not args.no_untrained,
         latent=parse_mode(args.latent) if args.latent else None,
         data=parse_data(args.data),
@@ -845,9 +858,10 @@ def cmd_bench_tokenizers(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from mmllm.demo import run_demo
+    from mmllm.demo import FAST, FULL, STANDARD, run_demo
 
-    report = run_demo(Path(args.out), fast=args.fast, seed=args.seed)
+    scale = FAST if args.fast else FULL if args.full else STANDARD
+    report = run_demo(Path(args.out), scale, seed=args.seed)
     print(f"report -> {report}")
 
 

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from mmllm.cli import main
+from mmllm.data.media import read_media
 from mmllm.demo import EVAL_TASKS
 from mmllm.model.mmllm import MMLLM
 
@@ -154,6 +155,12 @@ def test_demo_fast_pretrains_on_two_ranks_and_reports_falling_losses(capsys, tmp
     ppl = results["tasks"]["toy-text-ppl"]
     assert ppl["metrics"]["perplexity"] < ppl["references"]["untrained"]["perplexity"] / 2  # pretraining shows
     assert "| toy-draw | accuracy ↑ |" in report and "![image grid](image_grid.png)" in report
+    generated = {"toy-draw": "image", "toy-speak": "audio", "toy-animate": "video", "toy-act": "action"}
+    for name, modality in generated.items():
+        files = [media for sample in results["tasks"][name]["samples"] for media in sample["media"]]
+        assert files, name
+        for media in files:
+            read_media(modality, out / "eval" / media)  # raises MediaError on a file that does not decode
     wav = re.search(r"\]\((eval/media/toy-speak/[^)]+\.wav)\)", report)
     assert wav and (out / wav.group(1)).is_file()
     sft = [json.loads(line) for line in (out / "finetune" / "log.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmllm.data.toyworld import toy_media
-from mmllm.errors import MediaError
+from mmllm.errors import ConfigError, MediaError
 from mmllm.tokenizers import load_tokenizer
 from mmllm.tokenizers.image_1d import TiTokTokenizer
 from mmllm.vocab import VocabLayout
@@ -131,6 +131,21 @@ def test_bad_input_raises_media_error_and_rgba_grey_convert(tokenizer):
     grey = tokenizer.prepare(rgb[..., 0])
     assert grey.shape == (64, 64, 3) and np.array_equal(grey[..., 2], rgb[..., 0])
     assert tokenizer.prepare(np.zeros((100, 40, 3), np.uint8)).shape == (64, 64, 3)  # resized
+
+
+def test_a_one_by_one_encoder_has_no_convolution_past_a_cell():
+    """encoder_kernel 1: every encoder convolution is a patch merge (kernel = stride) or 1x1, so
+    no convolution mixes a cell with its neighbours; the default's 3x3 blocks do."""
+
+    def widths(tokenizer) -> set[tuple[int, int]]:
+        convs = [m for m in tokenizer.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        return {(m.kernel_size[0], m.stride[0]) for m in convs}
+
+    local = widths(build("image-conv", encoder_kernel=1))
+    assert all(kernel in (1, stride) for kernel, stride in local), local
+    assert (3, 1) in widths(build("image-conv"))
+    with pytest.raises(ConfigError, match="encoder_kernel"):
+        build("image-conv", encoder_kernel=2)
 
 
 # ---------------------------------------------------------------- variable resolution

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmllm.demo import EVAL_TASKS, FAST, FULL, Stages, prepare_data, pretrain
+from mmllm.demo import EVAL_TASKS, FAST, STANDARD, Stages, prepare_data, pretrain
 from mmllm.evaluation.report import format_value
 from mmllm.evaluation.runner import EvalSettings, evaluate
 from mmllm.evaluation.tasks import get_task
@@ -27,7 +27,7 @@ def bench_learnability(
     --fast data and model (a check of the mechanics, not a measurement)."""
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages()
-    scale = FAST if fast else FULL
+    scale = FAST if fast else STANDARD
     data = prepare_data(out, scale, seed, stages)
     # after the scale's own overrides, so these win
     overrides = [f"steps={steps}", f"save_every={save_every}", f"keep_last={steps // save_every + 1}", "log_every=1"]

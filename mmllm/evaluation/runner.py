@@ -71,6 +71,8 @@ class EvalSettings:
     batch_size: int = 32
     guidance: dict[str, float] = field(default_factory=dict)  # CFG scale per generated modality
     sampling: SamplingParams = field(default_factory=SamplingParams)  # greedy: scores are reproducible
+    # per generated modality, over `sampling`; a sampled reply is still reproducible (seeded per batch)
+    sampling_by_modality: dict[str, SamplingParams] = field(default_factory=dict)
     untrained: bool = True  # also score a random-init model of the same config (the reference row)
     latent: ReasoningMode | None = None  # how the reasoning puzzles are answered (None: plain decoding)
     media_per_task: int = 16  # generated media files saved per task (all samples' text is kept)
@@ -149,6 +151,7 @@ def evaluate(
             "batch_size": settings.batch_size,
             "guidance": settings.guidance,
             "sampling": settings.sampling.__dict__,
+            "sampling_by_modality": {name: params.__dict__ for name, params in settings.sampling_by_modality.items()},
             "latent": settings.latent.label if settings.latent is not None else None,
             "data": {name: str(path) for name, path in settings.data.items()},
         },
@@ -278,6 +281,7 @@ class _TaskRunner:
                 config = GenerationConfig(
                     max_new_tokens=max(i.max_new_tokens for i in chunk),
                     default=self.settings.sampling,
+                    sampling=self.settings.sampling_by_modality,
                     guidance=guidance,
                     stop_after_span=True,
                     seed=self.settings.seed,

@@ -10,7 +10,11 @@ blocks sit where the config puts them. The default is one 8x8 stage of width 128
 block each side, so every 3x3 convolution runs on the 8x8 latent grid: VQGAN's stack of 3x3
 convolutions at full resolution costs a CPU about 10x more per image for these toy images and,
 measured, learned their edges no faster. The 3x3 blocks at the latent resolution still let the
-decoder read a code's neighbours, which an 8x8 patch straddling two shapes needs. Three 2x2
+decoder read a code's neighbours, which an 8x8 patch straddling two shapes needs. In the encoder
+they mix each code with its neighbours' pixels: `encoder_kernel: 1` makes the encoder's blocks 1x1,
+so no convolution reaches past a code's own patch (GroupNorm's statistics are still image-wide) and
+every black cell of a toy image gets the same code, which a language model reads and writes more
+easily (configs/tokenizer/image_toy.yaml has the measurement). Three 2x2
 stages (`channels: [32, 64, 128], strides: [2, 2, 2]`) give a deeper pyramid at 1.5x the cost per image.
 
 Losses: L1 and L2 on pixels in [-1, 1] (weights `l1_weight`, `l2_weight`), the quantizer's own
@@ -164,17 +168,18 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResidualBlock(nn.Module):
-    """VQGAN's residual block: (GroupNorm, SiLU, 3x3 conv) twice, plus the input."""
+    """VQGAN's residual block: (GroupNorm, SiLU, k x k conv) twice, plus the input; k = 3 is
+    VQGAN's, k = 1 keeps each latent cell to its own patch."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, kernel: int = 3):
         super().__init__()
         self.body = nn.Sequential(
             group_norm(channels),
             nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.Conv2d(channels, channels, kernel, padding=kernel // 2),
             group_norm(channels),
             nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.Conv2d(channels, channels, kernel, padding=kernel // 2),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -189,16 +194,19 @@ class ConvEncoder(nn.Module):
     """Pixels (B, 3, H, W) to latents (B, latent_dim, H/f, W/f), f = the product of `strides`.
 
     Stage i is an s x s stride-s convolution (s = strides[i]) to width channels[i] (patch
-    merging), then that stage's residual blocks; `blocks[i]` is the count after stage i.
+    merging), then that stage's residual blocks; `blocks[i]` is the count after stage i, `kernel`
+    their convolutions' size.
     """
 
-    def __init__(self, channels: Sequence[int], strides: Sequence[int], blocks: Sequence[int], latent_dim: int):
+    def __init__(
+        self, channels: Sequence[int], strides: Sequence[int], blocks: Sequence[int], latent_dim: int, kernel: int = 3
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         for stage, (width_in, width) in enumerate(itertools.pairwise([3, *channels])):
             stride = strides[stage]
             layers += [*(norm_act(width_in) if stage else []), nn.Conv2d(width_in, width, stride, stride=stride)]
-            layers.extend(ResidualBlock(width) for _ in range(blocks[stage]))
+            layers.extend(ResidualBlock(width, kernel) for _ in range(blocks[stage]))
         layers += [*norm_act(channels[-1]), nn.Conv2d(channels[-1], latent_dim, 1)]
         self.layers = nn.Sequential(*layers)
 
@@ -281,6 +289,7 @@ class ConvImageTokenizer(ModalityTokenizer):
         channels: Sequence[int] = (128,),  # width after each patch-merging stage
         strides: Sequence[int] = (8,),  # each stage's downsampling; their product is the patch side
         encoder_blocks: Sequence[int] = (1,),  # residual blocks after each encoder stage
+        encoder_kernel: int = 3,  # their convolutions' size; 1: local codes (module docstring)
         decoder_blocks: Sequence[int] = (1,),  # residual blocks at each decoder resolution (same order)
         latent_dim: int = 3,  # channels fed to the quantizer (FSQ projects them when != len(bins))
         quantizer: dict[str, Any] | None = None,  # build_quantizer spec; default FSQ [8, 8, 8]
@@ -307,6 +316,9 @@ class ConvImageTokenizer(ModalityTokenizer):
         self.channels = [int(c) for c in channels]
         self.strides = [int(s) for s in strides]
         self.encoder_blocks = [int(b) for b in encoder_blocks]
+        if encoder_kernel < 1 or encoder_kernel % 2 == 0:
+            raise ConfigError(f"image-conv: encoder_kernel must be odd and >= 1, got {encoder_kernel}")
+        self.encoder_kernel = encoder_kernel
         self.decoder_blocks = [int(b) for b in decoder_blocks]
         self.latent_dim = latent_dim
         self.quantizer_spec = dict(quantizer or DEFAULT_QUANTIZER)
@@ -316,7 +328,7 @@ class ConvImageTokenizer(ModalityTokenizer):
         self.variable_resolution = variable_resolution
         self.max_grid = [int(g) for g in max_grid]
 
-        self.encoder = ConvEncoder(self.channels, self.strides, self.encoder_blocks, latent_dim)
+        self.encoder = ConvEncoder(self.channels, self.strides, self.encoder_blocks, latent_dim, encoder_kernel)
         self.quantizer = build_quantizer(latent_dim, self.quantizer_spec)
         self.decoder = ConvDecoder(self.channels, self.strides, self.decoder_blocks, latent_dim)
         self.gan = GanSettings.from_config(self.gan_config) if self.gan_config is not None else None
@@ -335,6 +347,7 @@ class ConvImageTokenizer(ModalityTokenizer):
             "channels": list(self.channels),
             "strides": list(self.strides),
             "encoder_blocks": list(self.encoder_blocks),
+            "encoder_kernel": self.encoder_kernel,
             "decoder_blocks": list(self.decoder_blocks),
             "latent_dim": self.latent_dim,
             "quantizer": dict(self.quantizer_spec),
