@@ -269,6 +269,12 @@ def test_prompt_media_are_encoded_and_reply_media_decoded(toy_model):
     assert cut[1].flag.startswith("incomplete image span")
 
 
+def test_sampling_settings_for_a_modality_the_model_lacks_are_refused(toy_model):
+    config = GenerationConfig(max_new_tokens=2, sampling={"picture": SamplingParams(temperature=1.0)})
+    with pytest.raises(ConfigError, match="sampling settings for picture: the model's modalities are text, image"):
+        Generator(toy_model).generate([[toy_model.layout.special_tokens["<|bos|>"]]], config)
+
+
 def test_prompt_with_a_modality_the_model_lacks_is_refused(toy_model):
     del toy_model.modality_tokenizers["image"]
     image = np.zeros((64, 64, 3), dtype=np.uint8)

@@ -124,6 +124,10 @@ class Generator:
         if forced is not None and len(forced) != len(prompts):
             raise InputError(f"forced ids: {len(forced)} rows for {len(prompts)} prompts")
         check_latent_prompts(self.model, prompts, forced or ())
+        unknown = sorted(set(config.sampling) - {"text", *self.layout.modalities})
+        if unknown:
+            known = ", ".join(["text", *self.layout.modalities])
+            raise ConfigError(f"sampling settings for {', '.join(unknown)}: the model's modalities are {known}")
         guided = config.guidance.active
         if guided and (unconditional is None or len(unconditional) != len(prompts)):
             raise ConfigError("guidance needs one unconditional prompt per prompt")
