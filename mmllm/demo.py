@@ -9,9 +9,11 @@ accuracy against the unreduced model (`mmllm bench reducers`) -> a scripted chat
 draws one, transcribes and speaks toy speech, and acts on an instruction. It leaves OUT/model/
 (a self-contained checkpoint), OUT/eval/results.json with the generated media, OUT/chat/ with
 the chat's transcript and media, and OUT/report.md with the metrics table, an image grid, links
-to generated speech, the chat and the loss curves (OUT/loss_curves.png). `--fast` shrinks every
-stage so the test suite runs it. `prepare_data` and `pretrain` are also the first stages of
-`mmllm bench learnability`.
+to generated speech, the chat and the loss curves (OUT/loss_curves.png). A scale sets how much
+of everything is made and the quality floors that bind: `--fast` shrinks every stage so the test
+suite runs it (no floors); the standard scale (`make demo`) fits 30 minutes on 2 CPU cores and
+`--full` 90, each raising QualityFloorMissed, after the report is written, when its model misses
+a floor. `prepare_data` and `pretrain` are also the first stages of `mmllm bench learnability`.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ STANDARD = DemoScale(
     pretrain_overrides=("steps=800", "optim.lr=2e-3", "optim.warmup_steps=30"),
     floors=DEMO_FLOORS,
 )
-# The standard demo with 4x the pretraining (67 minutes) and twice the data and LoRA steps.
+# The standard demo with 4x the pretraining (67 minutes), twice the data and 200 LoRA steps.
 FULL = dataclasses.replace(
     STANDARD,
     name="full",

@@ -169,7 +169,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 class ResidualBlock(nn.Module):
     """VQGAN's residual block: (GroupNorm, SiLU, k x k conv) twice, plus the input; k = 3 is
-    VQGAN's, k = 1 keeps each latent cell to its own patch."""
+    VQGAN's, k = 1 mixes no neighbouring cells."""
 
     def __init__(self, channels: int, kernel: int = 3):
         super().__init__()
