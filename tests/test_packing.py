@@ -151,6 +151,24 @@ def test_labels_weights_and_document_ids(image_layout):
         Packer(PackingConfig(modality_loss_weights={"smell": 1.0}), image_layout)
 
 
+def test_square_averaging_weighs_documents_by_their_whole_target_count(image_layout):
+    short = make_document(image_layout, [("text", 4)], splittable=False)  # 4 targets
+    long = make_document(image_layout, [("text", 15), ("image", None), ("text", 8)], splittable=True)
+    long_targets = int(long.loss_mask.sum())  # 41: more than one row of 24 can hold, so it is split
+    config = PackingConfig(seq_len=24, condition_dropout=0.0, loss_averaging="square", square_reference=16)
+    rows = list(Packer(config, image_layout).rows(iter([long, short])))
+    weights = np.concatenate([row.loss_weights[row.labels != IGNORE_INDEX] for row in rows])
+    ids = np.concatenate([row.input_ids[row.labels != IGNORE_INDEX] for row in rows])
+    assert len(rows) >= 3 and len(weights) == long_targets + 4
+    from_short = np.isin(ids, short.input_ids[1:]) & (weights > 1)
+    assert from_short.sum() == 4 and np.allclose(weights[from_short], 2.0)  # sqrt(16 / 4)
+    assert np.allclose(weights[~from_short], np.sqrt(16 / long_targets))  # every piece of the split document
+    token = Packer(PackingConfig(seq_len=24, condition_dropout=0.0), image_layout)
+    assert all((row.loss_weights[row.labels != IGNORE_INDEX] == 1).all() for row in token.rows(iter([long, short])))
+    with pytest.raises(ConfigError, match="loss_averaging"):
+        Packer(PackingConfig(loss_averaging="sample"), image_layout)
+
+
 def test_mixture_follows_weights_and_reshuffles_each_epoch(image_layout):
     a = [make_document(image_layout, [("text", 3)], True, source=0) for _ in range(10)]
     b = [make_document(image_layout, [("text", 3)], True, source=1) for _ in range(10)]

@@ -36,6 +36,8 @@ skips the ones it already trained on (`PackedRows.rows(start=...)`).
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -59,6 +61,7 @@ class Document:
     condition: np.ndarray  # bool (T,): conditioning text that CFG dropout may replace by <|null|>
     splittable: bool  # pretraining documents may continue in the next row; conversations may not
     source: int = 0
+    loss_scale: float = 1.0  # multiplies its targets' loss weights (document loss averaging); pieces keep it
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -71,6 +74,7 @@ class Document:
             self.condition[start:stop],
             self.splittable,
             self.source,
+            self.loss_scale,
         )
 
 
@@ -81,6 +85,11 @@ class PackingConfig:
     buffer_size: int = 256  # pending documents the best-fit search chooses from
     condition_dropout: float = 0.1  # CFG: probability of replacing a document's conditioning text
     modality_loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"image": 0.5}; others 1
+    # How a document's targets share the loss (see `document_loss_scale`): "token" weighs every
+    # target alike; "square" (InternVL 2.5's square averaging) weighs each of a document's n
+    # targets by sqrt(square_reference / n), so short answers are not drowned by long outputs.
+    loss_averaging: Literal["token", "square"] = "token"
+    square_reference: int = 64  # targets a document has when "square" leaves its weights at 1
     # {modality: token budgets}: each span keeps a prefix of a budget drawn per span (nested dropout)
     nested_dropout: dict[str, list[int]] = field(default_factory=dict)
     seed: int = 0
@@ -90,6 +99,10 @@ class PackingConfig:
             raise ConfigError(f"packing.seq_len must be at least 2, got {self.seq_len}")
         if self.overflow not in ("truncate", "skip"):
             raise ConfigError(f"packing.overflow must be 'truncate' or 'skip', got {self.overflow!r}")
+        if self.loss_averaging not in ("token", "square"):
+            raise ConfigError(f"packing.loss_averaging must be 'token' or 'square', got {self.loss_averaging!r}")
+        if self.square_reference < 1:
+            raise ConfigError(f"packing.square_reference must be at least 1, got {self.square_reference}")
         if self.buffer_size < 1:
             raise ConfigError(f"packing.buffer_size must be at least 1, got {self.buffer_size}")
         if not 0.0 <= self.condition_dropout <= 1.0:
@@ -240,7 +253,7 @@ class Packer:
             document = drop_condition(document, self.null_id)
             self.stats.condition_dropped += 1
         if len(document) <= cfg.seq_len:
-            return document
+            return self._scaled(document)
         bounds = np.concatenate(([0], cut_points(document, *self.span_delimiters), [len(document)]))
         if document.splittable:
             # Pieces end at cut points, so each stretch between two must fit a row: a span longer
@@ -256,7 +269,13 @@ class Packer:
             return None
         if end < len(document):
             self.stats.truncated += 1
-        return document.slice(0, end)
+        return self._scaled(document.slice(0, end))
+
+    def _scaled(self, document: Document) -> Document:
+        """The document with its loss scale set, before any split, so all its pieces share it."""
+        cfg = self.config
+        scale = document_loss_scale(int(document.loss_mask.sum()), cfg.loss_averaging, cfg.square_reference)
+        return dataclasses.replace(document, loss_scale=scale)
 
     def _fill_row(self, pending: list[tuple[int, int, Document]]) -> PackedRow:
         seq_len = self.config.seq_len
@@ -311,6 +330,7 @@ class Packer:
         position_ids = np.arange(seq_len, dtype=np.int64)  # padding: counts on as a document of its own
         document_ids = np.full(seq_len, len(pieces), dtype=np.int64)  # padding: one document of its own
         modality = np.zeros(seq_len, dtype=np.int8)
+        scale = np.ones(seq_len, dtype=np.float32)
         start = 0
         for number, piece in enumerate(pieces):
             stop = start + len(piece)
@@ -319,12 +339,27 @@ class Packer:
             position_ids[start:stop] = np.arange(len(piece))
             document_ids[start:stop] = number
             modality[start:stop] = piece.modality
+            scale[start:stop] = piece.loss_scale
             start = stop
         position_ids[start:] -= start
-        loss_weights = np.where(labels != IGNORE_INDEX, self.weight_of_modality[modality], 0.0).astype(np.float32)
+        weights = self.weight_of_modality[modality] * scale
+        loss_weights = np.where(labels != IGNORE_INDEX, weights, 0.0).astype(np.float32)
         self.stats.rows += 1
         self.stats.real_tokens += start
         return PackedRow(input_ids, labels, position_ids, document_ids, loss_weights, modality, start)
+
+
+def document_loss_scale(targets: int, averaging: str, reference: int) -> float:
+    """The weight of each of a document's `targets` loss tokens under `averaging`.
+
+    "token" gives 1: a document counts by its number of targets, so on the toy world a 3-token
+    VQA answer weighs 1/125 of a 375-token interleaved document. "square" gives
+    sqrt(reference / targets): the document's total weight grows as sqrt(targets) instead
+    (InternVL 2.5), between per-token and per-document averaging.
+    """
+    if averaging == "token" or targets == 0:
+        return 1.0
+    return math.sqrt(reference / targets)
 
 
 def shorten_spans(
