@@ -54,6 +54,10 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "tokenizer_config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODALITIES = ("image", "audio", "video", "action")
+APPEARANCE_BATCH = 64  # codes decoded at once by `code_appearance`: 64 toy images are 3 MB
+# Values kept of each code's decoded look: a random projection to a model's width needs no more,
+# and a toy video's 110,592 values for each of 512 codes would be 226 MB.
+APPEARANCE_FEATURES = 4096
 
 
 @dataclass
@@ -213,6 +217,30 @@ class ModalityTokenizer(nn.Module):
     def _decode(self, codes: list[np.ndarray]) -> list[np.ndarray]:
         """Media of well-formed codes (each (frames, levels), in range, of an allowed length)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def code_appearance(self) -> np.ndarray | None:
+        """(codebook_size, features): each code's look, the medium decoded from an item whose every
+        frame is that code (`mmllm.model.code_init` starts the LM's code rows from it). A medium
+        with more than APPEARANCE_FEATURES values is read at a fixed random subset of them.
+
+        None when the codes cannot be decoded, have no item length, or come in levels: a residual
+        level's code alone decodes to nothing it means in context.
+        """
+        frames = int(np.prod(self.grid)) if self.grid is not None else self.max_frames
+        if not self.can_decode or self.levels != 1 or not frames:
+            return None
+        looks, kept = [], None
+        for first in range(0, self.codebook_size, APPEARANCE_BATCH):
+            batch = range(first, min(first + APPEARANCE_BATCH, self.codebook_size))
+            media = self.decode([np.full((frames, 1), code) for code in batch]).media
+            values = np.stack([np.asarray(medium, dtype=np.float32).reshape(-1) for medium in media])
+            if kept is None:
+                kept = np.arange(values.shape[1])
+                if len(kept) > APPEARANCE_FEATURES:
+                    kept = np.sort(np.random.default_rng(0).choice(len(kept), APPEARANCE_FEATURES, replace=False))
+            looks.append(values[:, kept])
+        return np.concatenate(looks)
 
     def blank(self) -> np.ndarray:
         """A medium of the declared shape, returned when nothing can be decoded."""

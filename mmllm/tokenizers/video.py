@@ -441,6 +441,10 @@ class PerFrameVideoTokenizer(ModalityTokenizer):
     def blank(self) -> np.ndarray:
         return np.stack([self.image.blank()] * self.num_frames)
 
+    def code_appearance(self) -> np.ndarray | None:
+        """The image tokenizer's: a code looks the same in every frame."""
+        return self.image.code_appearance()
+
     def _encode(self, items: list[np.ndarray]) -> EncodedBatch:
         frames = [frame for video in items for frame in video]
         codes = self.image._encode(frames).codes  # (B * T, frames per image, levels)

@@ -68,6 +68,9 @@ class PretrainConfig:
     model: str = "configs/model/toy.yaml"  # a model config YAML (a fresh model) or a checkpoint dir
     vocab: str = ""  # tokenizer bundle or checkpoint: vocab_layout.json, text_tokenizer/, tokenizers/
     init_from_hf: str | None = None  # a local HF Llama/Qwen2/Mistral dir; its vocabulary is extended
+    # > 0: a new model's media code rows start from a projection of each code's decoded look, this
+    # many initializer_range in size (mmllm/model/code_init.py); a checkpoint's rows are kept.
+    code_row_init: float = 0.0
     out: str = "runs/pretrain"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -102,6 +105,8 @@ class PretrainConfig:
             raise ConfigError(f"pretrain config: data.validation {self.data.validation}: no such shard dir")
         if not self.vocab and not Path(self.model).is_dir():
             raise ConfigError("pretrain config: give `vocab` (a tokenizer bundle) to build a fresh model for")
+        if self.code_row_init < 0:
+            raise ConfigError(f"pretrain config: code_row_init must be >= 0, got {self.code_row_init}")
         self.data.packing.check()
         self._check_stages()
 

@@ -53,6 +53,7 @@ from mmllm.data.packing import Mixture, PackedRow, Packer
 from mmllm.data.pretokenize import ShardDocuments, TokenizerBundle, load_shards
 from mmllm.errors import CheckpointError, ConfigError, MMLLMError
 from mmllm.model.backbone import RMSNorm
+from mmllm.model.code_init import init_code_rows
 from mmllm.model.config import ModelConfig
 from mmllm.model.mmllm import MMLLM
 from mmllm.model.weights import atomic_directory
@@ -157,6 +158,8 @@ def build_model(config: PretrainConfig) -> MMLLM:
     if bundle is not None:
         for name, tokenizer in bundle.modality_tokenizers.items():
             model.set_modality_tokenizer(name, tokenizer)
+        if config.code_row_init > 0 and not Path(config.model).is_dir():
+            init_code_rows(model, bundle.modality_tokenizers, config.code_row_init, config.seed)
     if model.layout is None:
         raise ConfigError(f"{config.model}: the model has no vocab layout; give `vocab` to build one")
     model.model.activation_checkpointing = config.activation_checkpointing
