@@ -10,8 +10,9 @@ in the LM head, so what the model learns about one code carries over to its neig
 first step. Like initialising a VQ model's token embeddings from its codebook, but from the
 decoded pixels, which every decodable tokenizer has and which FSQ's bare 3-number codes lack.
 
-Measured on the demo's model and data (10.5 minutes of 2-rank pretraining each): teacher-forced
-caption colour 35% against 22% of 462 colour words, one-shape large images 65% against 26%.
+Measured on the demo's model and data (500 steps, 10.5 minutes of 2-rank pretraining each): the
+caption's colour word, teacher-forced on 300 training captions, is right for 35% of 462 against
+22% from random rows; for a single large shape 65% against 26%.
 """
 
 from __future__ import annotations
