@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from .conftest import REPO, random_toy_tokenizers, toy_vocab_layout
 
 from mmllm.errors import ConfigError
 from mmllm.model.code_init import init_code_rows, standardised
 from mmllm.tokenizers.base import APPEARANCE_FEATURES
+
+from .conftest import REPO, random_toy_tokenizers, toy_vocab_layout
 
 
 @pytest.fixture(scope="module")
