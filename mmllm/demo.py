@@ -140,9 +140,9 @@ FAST = DemoScale(
         "save_every=0",
     ),
 )
-# Pretraining takes what the other stages leave of the budget: at 1.25 s per step of 8k tokens
-# (demo.yaml on 2 ranks), 800 steps are 17 minutes; the rest (data, tokenizers, LoRA, eval with
-# its untrained row, reducer, chat, server) takes about 11.
+# Pretraining takes what the other stages leave of the budget: at 1.2 s per step of 8k tokens
+# (demo.yaml on 2 ranks), 800 steps are 16 minutes; the rest (data, tokenizers, LoRA, eval with
+# its untrained row, reducer, chat, server) takes about 8. Measured: 24.2 minutes in all.
 STANDARD = DemoScale(
     name="standard",
     budget_minutes=30,
@@ -158,7 +158,7 @@ STANDARD = DemoScale(
     pretrain_overrides=("steps=800", "optim.lr=2e-3", "optim.warmup_steps=30"),
     floors=DEMO_FLOORS,
 )
-# The standard demo with 4x the pretraining (67 minutes), twice the data and 200 LoRA steps.
+# The standard demo with 4x the pretraining (64 minutes), twice the data and 200 LoRA steps.
 FULL = dataclasses.replace(
     STANDARD,
     name="full",

@@ -236,7 +236,10 @@ def bench_train(
                 base.data,
                 sources=(SourceConfig(str(data)),),
                 validation=None,
-                packing=dataclasses.replace(base.data.packing, seq_len=seq_len or base.data.packing.seq_len),
+                # Per-token averaging: what HF's Trainer and the raw loop compute, so the losses agree.
+                packing=dataclasses.replace(
+                    base.data.packing, seq_len=seq_len or base.data.packing.seq_len, loss_averaging="token"
+                ),
             ),
             # Constant learning rate (one warm-up step, no decay): the Trainers' "constant" schedule.
             optim=dataclasses.replace(base.optim, warmup_steps=1, min_lr_ratio=1.0),
