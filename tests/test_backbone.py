@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mmllm.errors import InputError
-from mmllm.model.backbone import IGNORE_INDEX, AttentionMasks, CausalLM, TokenState
+from mmllm.model.backbone import IGNORE_INDEX, AttentionMasks, CausalLM, TiledMask, TokenState
 from mmllm.model.hooks import DropTokens, FeedbackLatent, InsertTokens
 
 TOLERANCE = dict(atol=1e-5, rtol=0)
@@ -258,3 +258,80 @@ def test_casting_to_bf16_keeps_rope_frequencies_exact(model):
     assert torch.equal(model.model.rotary_emb.inv_freq, before)
     with torch.no_grad():
         assert torch.isfinite(model(random_ids((1, 8))).logits).all()
+
+
+def packed_document_ids(lengths_per_row: list[list[int]]) -> torch.Tensor:
+    return torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths_per_row])
+
+
+def forward_and_grads(model, ids, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, **kwargs).logits
+    (logits.float() ** 2).mean().backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "kwargs_of",
+    [
+        # packed rows: documents of uneven lengths, boundaries off the tile grid
+        lambda ids: {"document_ids": packed_document_ids([[70, 150, 40, 40], [300]])},
+        # left padding
+        lambda ids: {"attention_mask": torch.cat([torch.zeros(1, 90), torch.ones(1, 210)], 1).long().expand(2, -1)},
+    ],
+    ids=["packed", "padded"],
+)
+def test_tiled_attention_equals_the_whole_mask(model, monkeypatch, kwargs_of):
+    """Prefills longer than QUERY_TILE attend tile by tile; logits and gradients stay those of one
+    SDPA call over the whole mask."""
+    from mmllm.model import backbone
+
+    model.train()
+    ids = random_ids((2, 300), seed=21)
+    tiled = forward_and_grads(model, ids, **kwargs_of(ids))
+    monkeypatch.setattr(backbone, "QUERY_TILE", 10**6)
+    whole = forward_and_grads(model, ids, **kwargs_of(ids))
+    torch.testing.assert_close(tiled[0], whole[0], **TOLERANCE)
+    for name, grad in whole[1].items():
+        torch.testing.assert_close(tiled[1][name], grad, **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_tiles_skip_the_keys_no_query_of_theirs_sees(model, monkeypatch):
+    from mmllm.model import backbone
+
+    monkeypatch.setattr(backbone, "QUERY_TILE", 128)
+    document_ids = packed_document_ids([[100, 200, 212], [256, 256]])
+    state = TokenState(
+        hidden=torch.zeros(2, 512, 8),
+        position_ids=torch.zeros(2, 512, dtype=torch.long),
+        token_ids=None,
+        valid=None,
+        document_ids=document_ids,
+        source_index=torch.arange(512).expand(2, -1),
+    )
+    mask, causal = AttentionMasks(state).get(0, None, None)
+    assert isinstance(mask, TiledMask) and not causal
+    # tile [256, 384): row 0's document starts at 100, row 1's at 256, so keys start at 100
+    assert [(start, end, first) for start, end, first, _ in mask.tiles] == [
+        (0, 128, 0),
+        (128, 256, 0),
+        (256, 384, 100),
+        (384, 512, 256),
+    ]
+    scored = sum((end - start) * (end - first) for start, end, first, _ in mask.tiles)
+    assert scored < 0.46 * 512 * 512  # 45% of the 512 x 512 pairs the whole mask scores
+
+
+def test_sliding_window_tiles_equal_the_whole_mask(tiny_config, monkeypatch):
+    from mmllm.model import backbone
+
+    config = dataclasses.replace(tiny_config, sliding_window=40)
+    torch.manual_seed(0)
+    model = CausalLM(config).train()
+    ids = random_ids((1, 400), seed=22)
+    tiled = forward_and_grads(model, ids, attention_mask=torch.ones(1, 400).long())
+    monkeypatch.setattr(backbone, "QUERY_TILE", 10**6)
+    whole = forward_and_grads(model, ids, attention_mask=torch.ones(1, 400).long())
+    torch.testing.assert_close(tiled[0], whole[0], **TOLERANCE)
+    for name, grad in whole[1].items():
+        torch.testing.assert_close(tiled[1][name], grad, **TOLERANCE)

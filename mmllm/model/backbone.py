@@ -9,7 +9,9 @@ they are and peft adapters apply to this model and to its HF export alike.
 Three things HF's implementation does not give us, and the reason this file exists:
 
 * Packed rows. `document_ids` keep attention inside each document, and positions restart
-  per document, so pretraining packs without cross-document leakage.
+  per document, so pretraining packs without cross-document leakage. A masked prefill
+  attends in tiles of queries, each over the keys it can see (`TiledMask`), so a row of short
+  documents skips most of the query-key scores one whole-mask SDPA call computes.
 * An explicit `KVCache` whose layers may hold different numbers of tokens, with each slot's
   rotary position and validity recorded, so a plug-in may drop tokens mid-network and later
   decode steps still attend to the right keys at the right positions.
@@ -316,16 +318,16 @@ class AttentionMasks:
         # True when every layer's cache holds the same slots (no plug-in dropped or inserted
         # tokens), so one mask per window serves every layer of the forward.
         self.same_keys_per_layer = same_keys_per_layer
-        self._memo: dict[int | None, tuple[Tensor | None, bool]] = {}
+        self._memo: dict[int | None, tuple[Tensor | TiledMask | None, bool]] = {}
 
-    def get(self, past: int, window: int | None, cache: LayerKV | None) -> tuple[Tensor | None, bool]:
+    def get(self, past: int, window: int | None, cache: LayerKV | None) -> tuple[Tensor | TiledMask | None, bool]:
         if past and not self.same_keys_per_layer:  # layers may hold different cached keys: build per layer
             return self._build(past, window, cache)
         if window not in self._memo:  # every layer sees the same keys
             self._memo[window] = self._build(past, window, cache)
         return self._memo[window]
 
-    def _build(self, past: int, window: int | None, cache: LayerKV | None) -> tuple[Tensor | None, bool]:
+    def _build(self, past: int, window: int | None, cache: LayerKV | None) -> tuple[Tensor | TiledMask | None, bool]:
         s = self.state
         t = s.hidden.shape[1]
         if cache is not None:
@@ -352,10 +354,58 @@ class AttentionMasks:
         if window is not None:
             allowed = allowed & ((s.position_ids[:, :, None] - key_pos[:, None, :]) < window)
         allowed = (allowed | (k_slot[None, :] == q_slot[:, None])[None])[:, None]  # (B, 1, T, K): broadcast over heads
-        if key_bias is None:
-            return allowed, False
-        bias = key_bias[:, None, None, :].to(s.hidden.dtype)
-        return torch.where(allowed, bias, float("-inf")), False
+        mask = allowed
+        if key_bias is not None:
+            mask = torch.where(allowed, key_bias[:, None, None, :].to(s.hidden.dtype), float("-inf"))
+        if past == 0 and t > QUERY_TILE:
+            return TiledMask.cut(allowed, mask, QUERY_TILE), False
+        return mask, False
+
+
+# Queries per tile of a masked prefill. A training step of the demo model on packed rows (4 x 1024
+# tokens, documents of 80-360) took 1.10 s with the whole mask and 0.72 s in tiles of 64 (fp32,
+# one CPU thread); tiles of 32 and 128 were within 5% of 64.
+QUERY_TILE = 64
+
+
+@dataclass
+class TiledMask:
+    """A prefill's attention mask cut into tiles of queries, each with the keys its queries can see.
+
+    A query never sees a later key, nor one outside its document or sliding window, so the tile of
+    queries [start, end) attends only to keys [first, end), where `first` is the earliest key any
+    of them sees. On packed rows and windowed layers that skips most of the T x T scores a
+    whole-mask SDPA call computes; each query's result is the same.
+    """
+
+    tiles: list[tuple[int, int, int, Tensor]]  # (start, end, first key, mask of queries start:end, keys first:end)
+
+    @classmethod
+    def cut(cls, allowed: Tensor, mask: Tensor, tile: int) -> TiledMask:
+        """`allowed` (B, 1, T, T) bool, `mask` the same or its additive form."""
+        t = allowed.shape[-1]
+        tiles_count = -(-t // tile)
+        padded = F.pad(allowed.any(dim=(0, 1)), (0, 0, 0, tiles_count * tile - t))  # (tiles x tile, T)
+        seen = padded.view(tiles_count, tile, t).any(dim=1)  # (tiles, T): keys some query of the tile sees
+        firsts = seen.int().argmax(dim=1).tolist()  # every query sees itself, so each tile sees a key
+        return cls(
+            [
+                (start, min(start + tile, t), first, mask[..., start : start + tile, first : start + tile])
+                for start, first in zip(range(0, t, tile), firsts, strict=True)
+            ]
+        )
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> Tensor:
+        """SDPA of queries (B, H, T, D) on keys and values (B, H_kv, T, D), tile by tile."""
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[:, :, start:end], k[:, :, first:end], v[:, :, first:end], attn_mask=mask, enable_gqa=enable_gqa
+                )
+                for start, end, first, mask in self.tiles
+            ],
+            dim=2,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -406,10 +456,21 @@ class Attention(nn.Module):
             state = masks.state
             k, v = cache.append(k, v, state.position_ids, state.valid, state.key_bias)
         mask, causal = masks.get(past, self.window, cache)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # bf16 autocast on CPU: attention in fp32, exact and 1.9x faster there than the bf16
+            # SDPA kernels (forward and backward of the demo model's packed rows, one thread);
+            # the projections around it keep their bf16 matmuls.
+            with torch.autocast("cpu", enabled=False):
+                out = self._attend(q.float(), k.float(), v.float(), mask, causal)
+        else:
+            out = self._attend(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | TiledMask | None, causal: bool) -> Tensor:
+        enable_gqa = self.num_kv_heads != self.num_heads
+        if isinstance(mask, TiledMask):
+            return mask.attend(q, k, v, enable_gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=enable_gqa)
 
 
 class MLP(nn.Module):
