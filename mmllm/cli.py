@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--threads", type=int, help="torch threads of every contender (default: the toy run's)")
     bench_train.add_argument("--toy-items", type=int, help="without --data: items per toy task (default 40)")
     bench_train.add_argument("--only", help="comma-separated contenders: mmllm,hf-padded,hf-grouped,raw")
+    bench_train.add_argument(
+        "--precision", default="fp32", help="every contender's: fp32 (default) or bf16-mixed (bf16 autocast)"
+    )
     bench_train.add_argument("--out", help="also write the result as JSON")
     bench_train.set_defaults(handler=cmd_bench_train)
     bench_tok = bench_commands.add_parser("tokenizers", help="train, score and time the toy tokenizers on CPU")
@@ -739,6 +742,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         only=args.only.split(",") if args.only else None,
         threads=args.threads,
         toy_items=args.toy_items,
+        precision=args.precision,
         progress=not args.quiet,
     )
     print(format_train_bench(result))

@@ -106,12 +106,15 @@ def test_contenders_compute_the_same_losses(result):
 def test_cli_builds_toy_data_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["-q", "bench", "train", "--model", TINY, "--steps", "2", "--warmup", "1", "--seq-len", "64"]
-    argv += ["--batch", "2", "--toy-items", "1", "--only", "raw,hf-grouped", "--out", str(out)]
-    assert main(argv) == 0
+    argv += ["--batch", "2", "--toy-items", "1", "--only", "raw,hf-grouped", "--precision", "bf16-mixed"]
+    assert main([*argv, "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "raw " in table and "hf-grouped " in table and "generated toy world" in table
+    assert "raw " in table and "hf-grouped " in table and "generated toy world" in table and "bf16-mixed" in table
     written = json.loads(out.read_text())
     assert list(written["contenders"]) == ["raw", "hf-grouped"] and written["ratios"] == {}
+    assert written["precision"] == "bf16-mixed"
+    for contender in written["contenders"].values():
+        assert all(math.isfinite(step["loss"]) for step in contender["steps"])
 
 
 def test_cli_refuses_bad_arguments(capsys):
@@ -119,3 +122,5 @@ def test_cli_refuses_bad_arguments(capsys):
     assert "unknown contender 'typo'" in capsys.readouterr().err
     assert main(["bench", "train", "--data", "shards"]) == 2
     assert "--data and --vocab together" in capsys.readouterr().err
+    assert main(["bench", "train", "--precision", "fp16"]) == 2
+    assert "unknown precision 'fp16'" in capsys.readouterr().err

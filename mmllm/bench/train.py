@@ -2,8 +2,9 @@
 
 Four contenders train the same model config from the same initial weights, with the same
 optimizer (AdamW, the toy pretraining run's lr, betas, eps and weight decay, a constant
-learning rate, gradient clipping at the same norm), in fp32, each in a single process on the
-CPU, with the same `torch.set_num_threads`:
+learning rate, gradient clipping at the same norm), in the same precision (fp32, or
+`--precision bf16-mixed`: each forward under bf16 autocast, as the Trainer's `bf16=True` runs it
+on a CPU), each in a single process on the CPU, with the same `torch.set_num_threads`:
 
     mmllm       our DeepSpeed loop as `mmllm pretrain` runs it (ZeRO-0, one rank, a child process,
                 so DeepSpeed's global state stays out of the others) on packed rows: several
@@ -86,6 +87,7 @@ from mmllm.training.config import PretrainConfig, SourceConfig
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRETRAIN_CONFIG = CONFIGS / "pretrain" / "toy.yaml"  # batch, seq_len, optimizer and threads of the benchmark
 CONTENDERS = ("mmllm", "hf-padded", "hf-grouped", "raw")
+PRECISIONS = ("fp32", "bf16-mixed")  # the ones every contender runs on a CPU
 MIN_RATIO = {"hf-padded": 1.8, "hf-grouped": 1.15}  # the issue's targets for mmllm / contender
 MAX_LOOP_OVERHEAD = 0.10  # the issue's target for 1 - mmllm / raw
 # LengthGroupedSampler's window cap, in batches (transformers.trainer_pt_utils.get_length_grouped_indices)
@@ -201,6 +203,7 @@ def bench_train(
     only: Sequence[str] | None = None,
     threads: int | None = None,
     toy_items: int | None = None,
+    precision: str = "fp32",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train every selected contender (see the module docstring); figures, ratios and checks as a dict.
@@ -219,6 +222,8 @@ def bench_train(
         raise MMLLMError(f"need steps >= 1, warmup >= 0 and threads >= 1; got {steps}, {warmup}, {threads}")
     if torch.cuda.is_available():
         raise MMLLMError("bench train compares CPU training; hide the GPU with CUDA_VISIBLE_DEVICES=")
+    if precision not in PRECISIONS:
+        raise MMLLMError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     with tempfile.TemporaryDirectory(prefix="mmllm-bench-train-") as scratch:
         work = Path(scratch)
         described = f"{data} ({vocab})"
@@ -248,6 +253,7 @@ def bench_train(
             gradient_accumulation_steps=1,
             save_every=0,
             threads=threads or base.threads,
+            precision=precision,
         )
         config.check()
         result = _run(config, names, warmup, work, progress)
@@ -298,6 +304,7 @@ def _run(config: PretrainConfig, names: list[str], warmup: int, work: Path, prog
         "steps": timed_steps,
         "warmup": warmup,
         "threads": config.threads,
+        "precision": config.precision,
         "lr": config.optim.lr,
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -366,7 +373,7 @@ def _train_mmllm(config: PretrainConfig, rows: list[PackedRow], work: Path, prog
 
 def _train_raw(model: MMLLM, config: PretrainConfig, progress: bool) -> list[StepRecord]:
     """`train()`'s step without DeepSpeed: same rows, objectives, normalisation, clipping, schedule."""
-    from mmllm.training.loop import FreezePlan, RowStream, collate, lr_factor
+    from mmllm.training.loop import FreezePlan, RowStream, collate, forward_precision, lr_factor
     from mmllm.training.objectives import get_objective
 
     objectives = [get_objective(name) for name in config.objectives]
@@ -383,7 +390,8 @@ def _train_raw(model: MMLLM, config: PretrainConfig, progress: bool) -> list[Ste
         rows = stream.take(config.micro_batch_size)
         batch = collate(rows, CPU)
         step_tokens = float((batch["labels"] != IGNORE_INDEX).sum())  # train()'s normaliser
-        loss_sum = sum(objective(model, batch, modality_names).loss_sum for objective in objectives)
+        with forward_precision(config, CPU):
+            loss_sum = sum(objective(model, batch, modality_names).loss_sum for objective in objectives)
         (loss_sum / max(1.0, step_tokens)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         optimizer.step()
@@ -423,6 +431,7 @@ def _train_hf(
         adam_beta2=optim.betas[1],
         adam_epsilon=optim.eps,
         max_grad_norm=optim.grad_clip,
+        bf16=config.precision == "bf16-mixed",  # on a CPU: autocast, fp32 weights, as ours
         lr_scheduler_type="constant",
         train_sampling_strategy="group_by_length" if name == "hf-grouped" else "random",
         logging_steps=1,  # every step's loss, for the report
@@ -522,7 +531,8 @@ def _ratios(contenders: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def format_train_bench(result: dict[str, Any]) -> str:
     rows = [
         f"training throughput: {Path(result['model']).name} ({result['parameters'] / 1e6:.1f}M params), "
-        f"{result['threads']} thread(s), {result['steps']} timed steps after {result['warmup']} warm-up, "
+        f"{result['threads']} thread(s), {result['precision']}, {result['steps']} timed steps after "
+        f"{result['warmup']} warm-up, "
         f"data: {result['data']}",
         f"packed step: {result['rows_per_step']} rows x {result['seq_len']} tokens "
         f"({result['documents_per_row']:.1f} documents per row); padded step: {result['documents_per_step']} documents",
