@@ -68,7 +68,7 @@ from mmllm.tokenizers.training import load_train_config, train_tokenizer
 from mmllm.tokenizers.video import PerFrameVideoTokenizer
 from mmllm.training.finetune import ADAPTER_DIR, merge_lora
 from mmllm.training.launch import launch_ranks
-from mmllm.training.loop import LOG_FILE
+from mmllm.training.loop import LOG_FILE, cpu_has_native_bf16
 from mmllm.vocab import VocabLayout, VocabSpec
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -140,33 +140,33 @@ FAST = DemoScale(
         "save_every=0",
     ),
 )
-# Pretraining takes what the other stages leave of the budget: at 1.2 s per step of 8k tokens
-# (demo.yaml on 2 ranks), 800 steps are 16 minutes; the rest (data, tokenizers, LoRA, eval with
-# its untrained row, reducer, chat, server) takes about 8. Measured: 24.2 minutes in all.
+# Pretraining takes what the other stages leave of the budget: at 0.47 s per step of 8k tokens
+# (demo.yaml on 2 ranks, bf16-mixed), 2000 steps are 16 minutes; the rest (data, tokenizers, LoRA,
+# eval with its untrained row, reducer, chat, server) takes about 8.
 STANDARD = DemoScale(
     name="standard",
     budget_minutes=30,
-    # 4x TOYWORLD.md's 500: pretraining sees each record about twice, not 7 times (the toy world is free)
-    items_per_task=2000,
+    # 8x TOYWORLD.md's 500: pretraining sees each record about three times (the toy world is free)
+    items_per_task=4000,
     tokenizer_steps=None,
     tokenizer_items=None,
     tokenizer_eval_items=200,
     eval_items=500,  # TOYWORLD.md: at least 500 held-out items per task
-    sft_items=200,
-    sft_overrides=("steps=80", "optim.warmup_steps=8"),  # adapting the chat format, not learning the world anew
+    sft_items=400,
+    sft_overrides=("steps=150", "optim.warmup_steps=8"),  # adapting the chat format, not learning the world anew
     model="demo.yaml",
-    pretrain_overrides=("steps=800", "optim.lr=2e-3", "optim.warmup_steps=30"),
+    pretrain_overrides=("steps=2000", "optim.lr=2e-3", "optim.warmup_steps=30"),
     floors=DEMO_FLOORS,
 )
-# The standard demo with 4x the pretraining (64 minutes), twice the data and 200 LoRA steps.
+# The standard demo with 4x the pretraining (63 minutes), twice the data and 200 LoRA steps.
 FULL = dataclasses.replace(
     STANDARD,
     name="full",
     budget_minutes=90,
-    items_per_task=4000,
-    sft_items=400,
+    items_per_task=8000,
+    sft_items=800,
     sft_overrides=(),  # the config's 200 steps
-    pretrain_overrides=("steps=3200", "optim.lr=2e-3", "optim.warmup_steps=30"),
+    pretrain_overrides=("steps=8000", "optim.lr=2e-3", "optim.warmup_steps=30"),
     floors=FULL_FLOORS,
 )
 TOKENIZER_CONFIGS = {  # modality -> the config that trains its toy tokenizer
@@ -275,6 +275,12 @@ def prepare_data(out: Path, scale: DemoScale, seed: int, stages: Stages) -> Demo
     return DemoData(layout, bundle, shards, tokenizer_rows)
 
 
+def training_precision() -> str:
+    """bf16-mixed where the CPU multiplies bf16 in hardware: a step of the demo model takes less
+    than half its fp32 time there (`mmllm bench train --precision`); fp32 elsewhere."""
+    return "bf16-mixed" if cpu_has_native_bf16() else "fp32"
+
+
 def pretrain(out: Path, scale: DemoScale, data: DemoData, seed: int, overrides: Sequence[str] = ()) -> list[dict]:
     """The 2-rank ZeRO-2 DeepSpeed run, started through DeepSpeed's launcher; returns its step log."""
     run = out / "pretrain"
@@ -284,6 +290,7 @@ def pretrain(out: Path, scale: DemoScale, data: DemoData, seed: int, overrides: 
         f"out={run}",
         "data.sources=" + json.dumps([{"path": str(data.shards)}]),
         f"seed={seed}",
+        f"precision={training_precision()}",
         *scale.pretrain_overrides,
         *overrides,
     ]
@@ -312,7 +319,8 @@ def run_demo(out: Path, scale: DemoScale = STANDARD, seed: int = 0) -> Path:
     stages.done(
         "pretrain",
         t,
-        f"{steps[-1]['step']} steps on {RANKS} ranks (ZeRO-2), loss {steps[0]['loss']:.2f} -> {steps[-1]['loss']:.2f}",
+        f"{steps[-1]['step']} steps on {RANKS} ranks (ZeRO-2, {training_precision()}), "
+        f"loss {steps[0]['loss']:.2f} -> {steps[-1]['loss']:.2f}",
     )
 
     t = time.perf_counter()
@@ -420,6 +428,7 @@ def finetune_lora(out: Path, scale: DemoScale, seed: int) -> list[dict]:
         f"out={run}",
         "data.sources=" + json.dumps([{"path": str(out / "sft_shards")}]),
         f"seed={seed}",
+        f"precision={training_precision()}",
         *scale.sft_overrides,
     ]
     config = CONFIGS / "finetune" / "toy_lora.yaml"
