@@ -139,13 +139,13 @@ FAST = DemoScale(
         "save_every=0",
     ),
 )
-# Pretraining takes what the other stages leave of the budget: at 0.47 s per step of 8k tokens
-# (demo.yaml on 2 ranks, bf16-mixed), 2400 steps are 19 minutes; the rest (data, tokenizers, LoRA,
-# eval with its untrained row, reducer, chat, server) takes about 8.
+# Pretraining takes what the other stages leave of the budget: at 0.51 s per step of 8k tokens
+# (demo.yaml on 2 ranks, bf16-mixed), 2400 steps are 20 minutes; the rest (data, tokenizers, LoRA,
+# eval with its untrained row, reducer, chat, server) takes about 8. Measured: 28.3 minutes in all.
 STANDARD = DemoScale(
     name="standard",
     budget_minutes=30,
-    # 8x TOYWORLD.md's 500: pretraining sees each record about three times (the toy world is free)
+    # 8x TOYWORLD.md's 500: pretraining sees each record about four times (the toy world is free)
     items_per_task=4000,
     tokenizer_steps=None,
     tokenizer_items=None,
